@@ -1,0 +1,485 @@
+"""config.toml, parsed once into a tree of frozen, slotted dataclasses.
+
+The dataclasses below *are* the schema: `_build` walks their fields, so a key that is not a
+field is an error (a typo must not be silently ignored), a value of the wrong type is an
+error, and each field's `check` turns the raw value into its final form (networks parsed,
+URLs normalised) or says what is wrong. Every problem is collected with its key path
+(`upstreams[0].api_key: ...`) so that one run of `gateway check-config` shows all of them.
+
+Strings may use `${VAR}` (missing is an error) and `${VAR:-default}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A config that cannot be served; `problems` are `key.path: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------- checks
+# A check takes the (type-checked) raw value and returns the stored value, or raises
+# ValueError with a message for the user.
+
+Check = Callable[[Any], Any]
+
+
+def _positive(v: float) -> float:
+    if not v > 0 or math.isinf(v):
+        raise ValueError("must be a positive number")
+    return v
+
+
+def _non_negative(v: float) -> float:
+    if v < 0 or math.isinf(v):
+        raise ValueError("must be zero or positive")
+    return v
+
+
+def _port(v: int) -> int:
+    if not 0 <= v <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return v
+
+
+def _at_least(n: int) -> Check:
+    def check(v: int) -> int:
+        if v < n:
+            raise ValueError(f"must be at least {n}")
+        return v
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: str) -> str:
+        if v not in choices:
+            raise ValueError("must be one of " + ", ".join(repr(c) for c in choices))
+        return v
+
+    return check
+
+
+def _networks(v: list[str]) -> tuple[Network, ...]:
+    out = []
+    for item in v:
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return tuple(out)
+
+
+def _http_url(v: str) -> URL:
+    url = URL(v)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _redis_url(v: str) -> str:
+    if URL(v).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{v!r} is not a redis:// URL")
+    return v
+
+
+def _sha256(v: str) -> str:
+    # Empty disables the entry (the shipped config's demo key before `make run` made one).
+    if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        raise ValueError("must be the 64 hex digits of the key's SHA-256")
+    return v.lower()
+
+
+def _patterns(v: list[str]) -> tuple[str, ...]:
+    return tuple(v)
+
+
+def _http_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError("must start with /")
+    return v
+
+
+def _check(fn: Check, default: Any = dataclasses.MISSING) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: fn(list(default)), metadata={"check": fn})
+    return field(default=default, metadata={"check": fn})
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = _check(_port, 8080)
+    workers: int = _check(_at_least(1), 1)
+    trusted_proxies: tuple[Network, ...] = _check(_networks, ["127.0.0.1/32", "::1/128"])
+    max_body_bytes: int = _check(_at_least(1), 1048576)
+    shutdown_grace: float = _check(_non_negative, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SSEConfig:
+    heartbeat_interval: float = _check(_positive, 15.0)
+    retry_ms: int = _check(_at_least(0), 3000)
+    resume_ttl: float = _check(_non_negative, 600.0)
+    max_connection_age: float = _check(_non_negative, 0.0)
+    max_event_bytes: int = _check(_at_least(1024), 1 << 20)
+    max_log_events: int = _check(_at_least(1), 100_000)
+    max_log_bytes: int = _check(_at_least(1024), 16 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    client: str
+    sha256: str = _check(_sha256)
+    rpm: int = _check(_at_least(0), 600)
+    burst: int = _check(_at_least(0), 0)
+    tpm: int = _check(_at_least(0), 0)
+    max_concurrent: int = _check(_at_least(0), 8)
+    models: tuple[str, ...] = _check(_patterns, ["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class JWTConfig:
+    algorithms: tuple[str, ...] = _check(_patterns, ["HS256"])
+    secret: str = ""
+    public_key_file: str = ""
+    audience: str = ""
+    issuer: str = ""
+    client_claim: str = "sub"
+    rpm: int = _check(_at_least(0), 60)
+    burst: int = _check(_at_least(0), 0)
+    tpm: int = _check(_at_least(0), 0)
+    max_concurrent: int = _check(_at_least(0), 4)
+    models: tuple[str, ...] = _check(_patterns, ["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: str = _check(_one_of("keys", "jwt", "keys+jwt", "none"), "keys")
+    keys: tuple[KeyConfig, ...] = ()
+    jwt: JWTConfig = field(default_factory=JWTConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    backend: str = _check(_one_of("memory", "redis"), "memory")
+    redis_url: str = _check(_redis_url, "redis://127.0.0.1:6379/0")
+    per_ip_rpm: int = _check(_at_least(0), 1200)
+    on_redis_error: str = _check(_one_of("open", "closed"), "open")
+
+
+@dataclass(frozen=True, slots=True)
+class CORSConfig:
+    allow_origins: tuple[str, ...] = _check(_patterns, [])
+    allow_credentials: bool = False
+    max_age: int = _check(_at_least(0), 600)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    base_url: URL = _check(_http_url)
+    api_key: str = ""
+    models: tuple[str, ...] = _check(_patterns, ["*"])
+    priority: int = 0
+    weight: int = _check(_at_least(1), 1)
+    max_connections: int = _check(_at_least(1), 1000)
+    connect_timeout: float = _check(_positive, 5.0)
+    first_byte_timeout: float = _check(_positive, 60.0)
+    idle_timeout: float = _check(_positive, 120.0)
+    total_timeout: float = _check(_positive, 900.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = _check(_at_least(1), 3)
+    backoff_initial: float = _check(_non_negative, 0.25)
+    backoff_max: float = _check(_non_negative, 8.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = _check(_at_least(1), 5)
+    cooldown: float = _check(_positive, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = _check(_one_of("debug", "info", "warning", "error"), "info")
+    format: str = _check(_one_of("json", "console"), "json")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    path: str = _check(_http_path, "/metrics")
+    allow: tuple[Network, ...] = _check(_networks, ["127.0.0.1/32", "::1/128"])
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sse: SSEConfig = field(default_factory=SSEConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cors: CORSConfig = field(default_factory=CORSConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Not from the file: where it came from and what the loader warned about.
+    source: str = field(default="", metadata={"internal": True})
+    warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------- loading
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Loader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.literal: set[str] = set()  # paths of strings written without ${...}
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def interpolate(self, raw: Any, path: str) -> Any:
+        if isinstance(raw, dict):
+            return {k: self.interpolate(v, _join(path, k)) for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [self.interpolate(v, f"{path}[{i}]") for i, v in enumerate(raw)]
+        if not isinstance(raw, str):
+            return raw
+        if "${" not in raw:
+            self.literal.add(path)
+            return raw
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            self.problem(path, f"environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, raw)
+
+    def build(self, cls: type[Any], raw: Any, path: str) -> Any:
+        if not isinstance(raw, dict):
+            self.problem(path or "(top)", "must be a table")
+            return None
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        for key in raw:
+            if key not in known:
+                self.problem(_join(path, key), "unknown key")
+        kwargs: dict[str, Any] = {}
+        for name, f in known.items():
+            fpath = _join(path, name)
+            if name not in raw:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    self.problem(fpath, "is required")
+                continue
+            value = self.value(hints[name], raw[name], fpath, f.metadata.get("check"))
+            if value is not _BAD:
+                kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except TypeError:  # a required field already reported
+            return None
+
+    def value(self, hint: Any, raw: Any, path: str, check: Check | None) -> Any:
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            built = self.build(typing.cast(type[Any], hint), raw, path)
+            return _BAD if built is None else built
+        if origin is tuple and check is None:  # a list of tables: [[upstreams]], [[auth.keys]]
+            item_cls = typing.get_args(hint)[0]
+            if not isinstance(raw, list):
+                self.problem(path, "must be a list of tables")
+                return _BAD
+            items = [self.build(item_cls, v, f"{path}[{i}]") for i, v in enumerate(raw)]
+            return tuple(i for i in items if i is not None)
+        expected = _raw_type(hint, check)
+        raw = _coerce(raw, expected)
+        if not _is_instance(raw, expected):
+            self.problem(path, f"must be {_describe(expected)}")
+            return _BAD
+        if check is None:
+            return raw
+        try:
+            return check(raw)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return _BAD
+
+
+_BAD = object()
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _raw_type(hint: Any, check: Check | None) -> Any:
+    """What the TOML value must be before its check converts it."""
+    if hint in (str, int, float, bool):
+        return hint
+    if check in (_http_url,):
+        return str
+    return list  # tuples of networks / patterns come in as lists of strings
+
+
+def _coerce(raw: Any, expected: Any) -> Any:
+    # Values from ${VAR} arrive as strings; a number field accepts a numeric string.
+    if isinstance(raw, str) and expected in (int, float):
+        try:
+            return expected(raw)
+        except ValueError:
+            return raw
+    if expected is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    return raw
+
+
+def _is_instance(raw: Any, expected: Any) -> bool:
+    if expected is list:
+        return isinstance(raw, list) and all(isinstance(v, str) for v in raw)
+    if expected in (int, float) and isinstance(raw, bool):
+        return False
+    return isinstance(raw, expected)
+
+
+def _describe(expected: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list of strings",
+    }.get(expected, str(expected))
+
+
+def _cross_checks(cfg: Config, ld: _Loader) -> None:
+    """Rules that span several keys."""
+    if not cfg.upstreams:
+        ld.problem("upstreams", "at least one [[upstreams]] is required")
+    names = [u.name for u in cfg.upstreams]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            ld.problem(f"upstreams[{i}].name", f"duplicate upstream name {name!r}")
+    clients = [k.client for k in cfg.auth.keys]
+    for i, k in enumerate(cfg.auth.keys):
+        if clients.index(k.client) != i:
+            ld.problem(f"auth.keys[{i}].client", f"duplicate client {k.client!r}")
+        if not k.sha256:
+            ld.warnings.append(f"auth.keys[{i}].sha256: empty, client {k.client!r} cannot sign in")
+    if cfg.cors.allow_credentials and "*" in cfg.cors.allow_origins:
+        ld.problem("cors.allow_origins", '"*" is not allowed with allow_credentials = true')
+    if cfg.retry.backoff_max < cfg.retry.backoff_initial:
+        ld.problem("retry.backoff_max", "must not be less than retry.backoff_initial")
+    if cfg.server.workers > 1 and cfg.limits.backend == "memory":
+        ld.problem(
+            "server.workers",
+            'workers > 1 needs limits.backend = "redis" (the memory backend is per process)',
+        )
+    jwt = cfg.auth.jwt
+    if "jwt" in cfg.auth.mode:
+        hs = any(a.startswith("HS") for a in jwt.algorithms)
+        if hs and not jwt.secret:
+            ld.problem("auth.jwt.secret", "is required for HS* algorithms")
+        if not hs and not jwt.public_key_file:
+            ld.problem("auth.jwt.public_key_file", "is required for RS*/ES* algorithms")
+        if jwt.public_key_file and not Path(jwt.public_key_file).is_file():
+            ld.problem("auth.jwt.public_key_file", f"{jwt.public_key_file!r} is not a file")
+    for i in range(len(cfg.upstreams)):
+        if f"upstreams[{i}].api_key" in ld.literal and cfg.upstreams[i].api_key:
+            ld.warnings.append(
+                f"upstreams[{i}].api_key: a literal key in the file; prefer ${{VAR}} from the environment"
+            )
+    if "auth.jwt.secret" in ld.literal and jwt.secret:
+        ld.warnings.append(
+            "auth.jwt.secret: a literal secret in the file; prefer ${VAR} from the environment"
+        )
+
+
+def parse(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """Parse config text; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"(toml): {exc}"]) from None
+    ld = _Loader(os.environ if env is None else env)
+    raw = ld.interpolate(raw, "")
+    cfg = ld.build(Config, raw, "")
+    if cfg is not None and not ld.problems:
+        _cross_checks(cfg, ld)
+    if ld.problems or cfg is None:
+        raise ConfigError(ld.problems)
+    return dataclasses.replace(cfg, source=source, warnings=tuple(ld.warnings))
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and parse the config file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["(file): not UTF-8 text"]) from None
+    return parse(text, source=str(path), env=env)
+
+
+def default_path() -> str:
+    """`--config` default: $GATEWAY_CONFIG, then ./config.toml."""
+    return os.environ.get("GATEWAY_CONFIG") or "config.toml"
+
+
+# Re-exported for type annotations elsewhere.
+__all__ = [
+    "AuthConfig",
+    "BreakerConfig",
+    "CORSConfig",
+    "Config",
+    "ConfigError",
+    "JWTConfig",
+    "KeyConfig",
+    "LimitsConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "Network",
+    "RetryConfig",
+    "SSEConfig",
+    "ServerConfig",
+    "UpstreamConfig",
+    "default_path",
+    "load",
+    "parse",
+]
