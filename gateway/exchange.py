@@ -1,0 +1,32 @@
+"""One request's record: filled as the request goes, written as one access-log line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .usage import Usage
+
+Outcome = Literal["completed", "client_disconnected", "upstream_error", "timeout", "rejected"]
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    trace_id: str
+    span_id: str  # the gateway's own span, sent upstream in traceparent
+    trace_flags: str
+    started: float  # loop.time() at arrival
+    client: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: Outcome = "completed"
+    ttfb: float | None = None  # loop.time() of the first body byte written
+    upstream: str | None = None
+    attempts: int = 0
+    usage: Usage | None = None
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.trace_flags}"

@@ -1,0 +1,1 @@
+"""One middleware a module; `gateway.app.create_app` alone decides their order."""

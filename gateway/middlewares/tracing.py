@@ -1,0 +1,108 @@
+"""Tracing, outermost: request id, W3C trace context, and the one access-log line.
+
+The access line is written when the response has really ended: after the handler returned
+(a stream handler returns after its last byte) or when it was cancelled by a disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..exchange import Exchange
+from ..state import EXCHANGE
+
+access_log = structlog.get_logger("gateway.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# https://www.w3.org/TR/trace-context/#traceparent-header-field-values
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def _trace(header: str | None) -> tuple[str, str]:
+    """(trace_id, flags): continued from a valid traceparent, else a new trace."""
+    if header:
+        m = _TRACEPARENT.fullmatch(header.strip())
+        if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
+            return m.group(1), m.group(3)
+    return secrets.token_hex(16), "01"
+
+
+def make_tracing_middleware() -> Middleware:
+    @web.middleware
+    async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        rid = request.headers.get("X-Request-ID")
+        if rid is None or not _REQUEST_ID.fullmatch(rid):
+            rid = secrets.token_hex(16)
+        trace_id, flags = _trace(request.headers.get("traceparent"))
+        ex = Exchange(
+            request_id=rid,
+            trace_id=trace_id,
+            span_id=secrets.token_hex(8),
+            trace_flags=flags,
+            started=loop.time(),
+        )
+        request[EXCHANGE] = ex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace_id)
+        try:
+            response = await handler(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away: cancelled by aiohttp, or a write found the socket closed.
+            if ex.outcome == "completed":
+                ex.outcome = "client_disconnected"
+            ex.status = ex.status or 499
+            _log(request, ex, loop.time())
+            raise
+        except BaseException:
+            ex.status = ex.status or 500
+            if ex.outcome == "completed":
+                ex.outcome = "upstream_error"
+            _log(request, ex, loop.time())
+            raise
+        ex.status = response.status
+        if ex.ttfb is None:
+            ex.ttfb = loop.time()
+        if response.status >= 400 and ex.outcome == "completed":
+            ex.outcome = "rejected" if response.status < 500 else (
+                "timeout" if response.status == 504 else "upstream_error"
+            )
+        _log(request, ex, loop.time())
+        return response
+
+    return tracing
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streamed or not, carries X-Request-ID (set right before headers go)."""
+    ex = request.get(EXCHANGE)
+    if ex is not None:
+        response.headers["X-Request-ID"] = ex.request_id
+
+
+def _log(request: web.Request, ex: Exchange, now: float) -> None:
+    usage = ex.usage
+    access_log.info(
+        "access",
+        method=request.method,
+        path=request.path,
+        client=ex.client,
+        model=ex.model,
+        stream=ex.stream,
+        status=ex.status,
+        outcome=ex.outcome,
+        ttfb_ms=round((ex.ttfb - ex.started) * 1000, 3) if ex.ttfb is not None else None,
+        duration_ms=round((now - ex.started) * 1000, 3),
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        upstream=ex.upstream,
+        attempts=ex.attempts,
+    )
