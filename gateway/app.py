@@ -1,0 +1,65 @@
+"""The composition root: `create_app(cfg)` alone knows the middlewares, routes and resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import health, relay
+from .config import Config
+from .health import ReadinessChecks
+from .middlewares.errors import make_errors_middleware
+from .middlewares.tracing import make_tracing_middleware, on_prepare
+from .state import CONFIG, HTTP, READINESS, UPSTREAMS
+from .upstream import UpstreamPool
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    """One ClientSession for the app's life; its pool sized from the upstreams' config."""
+    cfg = app[CONFIG]
+    connector = aiohttp.TCPConnector(
+        limit=sum(u.max_connections for u in cfg.upstreams),
+        limit_per_host=max(u.max_connections for u in cfg.upstreams),
+        keepalive_timeout=30,
+        enable_cleanup_closed=True,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # Per-request timeouts come from each upstream; none here (the default total=300 s
+        # would cut long streams).
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
+    app[HTTP] = session
+    app[UPSTREAMS] = UpstreamPool(cfg, session)
+    yield
+    await session.close()
+
+
+def create_app(cfg: Config) -> web.Application:
+    """Build the gateway's one Application from a validated config."""
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes,
+        # Outermost first. tracing: every response gets a request id and an access line, even
+        # errors from the layers below. errors: renders the error tree as OpenAI JSON before
+        # the outer layers see the response.
+        middlewares=[
+            make_tracing_middleware(),
+            make_errors_middleware(),
+        ],
+    )
+    app[CONFIG] = cfg
+    app[READINESS] = ReadinessChecks()
+    app.cleanup_ctx.append(_http_session)
+    app.on_response_prepare.append(on_prepare)
+
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+        app.router.add_post(path, relay.relay_post)
+    app.router.add_get("/v1/models", relay.relay_get)
+    app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
+    return app

@@ -1,0 +1,203 @@
+"""The relay handlers: /v1/* to an upstream and back, streams event by event.
+
+A stream is a plain loop of awaits: read what the upstream has, cut it at the last complete
+SSE event, pass it through the usage tap (a byte test; JSON only on the usage chunk), write
+it. Nothing per chunk but the bytes themselves and one clock read for the heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from . import validation
+from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
+from .exchange import Exchange, Outcome
+from .sse import EventSplitter, SSEError
+from .state import CONFIG, EXCHANGE, IDENTITY, UPSTREAMS
+from .upstream import forward_headers, relay_headers
+from .usage import Usage, UsageTap, ensure_usage_requested
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+PING = b": ping\n\n"
+
+# The largest non-stream answer read into memory (embeddings of a large batch fit).
+MAX_JSON_BYTES = 64 << 20
+
+
+class Heartbeat:
+    """Writes `: ping` after `interval` seconds with nothing written, never while data flows.
+
+    One timer per stream, re-armed lazily: the hot path only stores the clock in `last`;
+    the timer, when it fires early, sleeps again until `last + interval`.
+    """
+
+    __slots__ = ("_out", "_interval", "_loop", "last", "_handle", "_task")
+
+    def __init__(self, out: web.StreamResponse, interval: float) -> None:
+        self._out = out
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._task: asyncio.Task[None] | None = None
+        self._handle = self._loop.call_at(self.last + interval, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        due = self.last + self._interval
+        if now >= due - 0.001:
+            if self._task is None or self._task.done():
+                self._task = self._loop.create_task(self._ping())
+            self.last = now
+            due = now + self._interval
+        self._handle = self._loop.call_at(due, self._fire)
+
+    async def _ping(self) -> None:
+        try:
+            await self._out.write(PING)
+        except (ConnectionError, RuntimeError):
+            pass  # the stream loop sees the disconnect on its own
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+async def relay_post(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses."""
+    ex = request[EXCHANGE]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    validate, usage_capable = validation.POST_ROUTES[route]
+    raw, body = await validation.read_json(request)
+    validate(body)
+    ex.model = body["model"]
+    ex.stream = body.get("stream") is True
+    identity = request.get(IDENTITY)
+    if identity is not None and not identity.allows(ex.model):
+        raise Forbidden(
+            f"Client {identity.client!r} may not use model {ex.model!r}", code="model_not_allowed"
+        )
+    strip = usage_capable and ex.stream and ensure_usage_requested(body)
+    if strip:
+        raw = validation.dumps(body)
+    return await _relay(request, ex, "POST", route.removeprefix("/v1"), raw, strip)
+
+
+async def relay_get(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models (and /v1/models/{id})."""
+    ex = request[EXCHANGE]
+    return await _relay(request, ex, "GET", request.path.removeprefix("/v1"), None, False)
+
+
+async def _relay(
+    request: web.Request,
+    ex: Exchange,
+    method: str,
+    path: str,
+    body: bytes | None,
+    strip: bool,
+) -> web.StreamResponse:
+    pool = request.app[UPSTREAMS]
+    up, resp = await pool.open(
+        method, path, ex=ex, body=body, headers=forward_headers(request.headers)
+    )
+    try:
+        if resp.content_type == "text/event-stream" and resp.status == 200:
+            return await _relay_stream(request, ex, resp, strip)
+        return await _relay_json(ex, resp)
+    finally:
+        # Whatever happened (done, client gone, cancelled), the upstream connection is
+        # released now; close() drops it when the body was not read to its end.
+        if not resp.content.at_eof():
+            resp.close()
+        resp.release()
+
+
+async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Response:
+    try:
+        data = await resp.content.read(MAX_JSON_BYTES + 1) if resp.content else b""
+    except TimeoutError:
+        raise UpstreamTimeout("upstream timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError("upstream connection lost") from exc
+    if len(data) > MAX_JSON_BYTES:
+        raise UpstreamError("upstream answer too large")
+    if b'"usage"' in data and resp.status == 200:
+        ex.usage = _usage_of_json(data)
+    headers = relay_headers(resp.headers)
+    return web.Response(
+        status=resp.status,
+        body=data,
+        headers=headers,
+        content_type=resp.content_type or "application/json",
+    )
+
+
+def _usage_of_json(data: bytes) -> Usage | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return Usage.from_obj(obj.get("usage")) if isinstance(obj, dict) else None
+
+
+async def _relay_stream(
+    request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse, strip: bool
+) -> web.StreamResponse:
+    cfg = request.app[CONFIG]
+    out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await out.prepare(request)
+    ex.status = 200
+    splitter = EventSplitter(cfg.sse.max_event_bytes)
+    tap = UsageTap(strip)
+    heartbeat = Heartbeat(out, cfg.sse.heartbeat_interval)
+    loop = asyncio.get_running_loop()
+    read = resp.content.readany
+    failure: tuple[Outcome, bytes] | None = None
+    try:
+        while True:
+            try:
+                data = await read()
+                if not data:
+                    break
+                block = splitter.feed(data)
+            except TimeoutError:
+                failure = ("timeout", sse_error_event("upstream timed out", "timeout", "upstream_timeout"))
+                break
+            except SSEError as exc:
+                failure = ("upstream_error", sse_error_event(str(exc), "upstream_error", "event_too_large"))
+                break
+            except aiohttp.ClientError:
+                failure = ("upstream_error", sse_error_event("upstream connection lost", "upstream_error", "upstream_disconnected"))
+                break
+            if block:
+                block = tap.process(block)
+                heartbeat.last = loop.time()
+                await out.write(block)
+                if ex.ttfb is None:
+                    ex.ttfb = loop.time()
+        if failure is None and not tap.done and request.path != "/v1/responses":
+            # The upstream closed without `data: [DONE]`: the client must not mistake
+            # a cut stream for a finished one.
+            failure = ("upstream_error", sse_error_event("upstream ended the stream early", "upstream_error", "stream_truncated"))
+        if failure is not None:
+            ex.outcome = failure[0]
+            await out.write(failure[1])
+        heartbeat.stop()
+        await out.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client went away (write failed, or aiohttp cancelled the handler).
+        ex.outcome = "client_disconnected"
+        raise
+    finally:
+        heartbeat.stop()
+        ex.usage = tap.usage
+    return out

@@ -1,0 +1,152 @@
+"""Test harness: real servers on loopback ports, never mocks on the streaming path.
+
+- `upstream`: the bundled mock upstream on a real port (its `MockState` records what it saw).
+- `start_upstream(app)`: any small fault-injecting upstream app on a real port.
+- `gateway_factory(**overrides)`: the gateway started exactly as `gateway serve` starts it
+  (real AppRunner, handler cancellation, its own ClientSession), pointed at an upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway import config
+from gateway.app import create_app
+from gateway.mock_upstream import MOCK_STATE, MockSettings, MockState, create_mock_app
+from gateway.server import start
+
+TEST_KEY = "gw-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
+TEST_KEY_SHA = hashlib.sha256(TEST_KEY.encode()).hexdigest()
+UPSTREAM_KEY = "sk-upstream-secret-0123456789abcdef"
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    url: str  # base_url for the config: http://127.0.0.1:PORT/v1
+
+    @property
+    def state(self) -> MockState:
+        return self.server.app[MOCK_STATE]
+
+
+@dataclass
+class Gateway:
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    cfg: config.Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+StartUpstream = Callable[[web.Application], Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[StartUpstream]:
+    servers: list[TestServer] = []
+
+    async def go(app: web.Application) -> Upstream:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Upstream(server, f"http://127.0.0.1:{server.port}/v1")
+
+    yield go
+    for s in servers:
+        await s.close()
+
+
+@pytest.fixture
+async def upstream(start_upstream: StartUpstream) -> Upstream:
+    """The bundled mock, fast: 5 chunks, no delay, requiring the upstream key."""
+    return await start_upstream(
+        create_mock_app(MockSettings(chunks=5, delay=0.0, api_key=UPSTREAM_KEY))
+    )
+
+
+def make_config(upstream_url: str, **sections: dict[str, Any]) -> config.Config:
+    """A test config: one key (TEST_KEY), one upstream; `sections` override/extend tables."""
+    base: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},
+        "auth": {"mode": "none"},
+        "limits": {"per_ip_rpm": 0},
+        "logging": {"level": "info", "format": "json"},
+    }
+    upstreams = sections.pop("upstreams", None)
+    keys = sections.pop("keys", None)
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines: list[str] = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+    for k in keys if keys is not None else [{"client": "tester", "sha256": TEST_KEY_SHA}]:
+        lines.append("[[auth.keys]]")
+        lines.extend(f"{a} = {_toml(b)}" for a, b in k.items())
+    for u in upstreams if upstreams is not None else [{}]:
+        lines.append("[[upstreams]]")
+        u = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY, **u}
+        lines.extend(f"{a} = {_toml(b)}" for a, b in u.items())
+    return config.parse("\n".join(lines), source="test", env={})
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def go(upstream_url: str, **sections: dict[str, Any]) -> Gateway:
+        cfg = make_config(upstream_url, **sections)
+        app = create_app(cfg)
+        runner, port = await start(app, "127.0.0.1", 0, shutdown_timeout=2)
+        gw = Gateway(app, runner, port, cfg)
+        started.append(gw)
+        return gw
+
+    yield go
+    for gw in started:
+        await gw.runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory, upstream: Upstream) -> Gateway:
+    return await gateway_factory(upstream.url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def chat_body(stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "mock-gpt",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": stream,
+        **extra,
+    }

@@ -1,0 +1,196 @@
+"""The relay end to end: client -> gateway -> upstream over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import structlog
+from aiohttp import web
+
+from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, Upstream, chat_body
+
+
+def sse_data(body: bytes) -> list[str]:
+    """The data fields of an SSE body, in order (comments skipped)."""
+    return [
+        line[len("data: "):]
+        for line in body.decode().split("\n")
+        if line.startswith("data: ")
+    ]
+
+
+def chunks_of(body: bytes) -> list[dict[str, Any]]:
+    return [json.loads(d) for d in sse_data(body) if d != "[DONE]"]
+
+
+def text_of(body: bytes) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in chunks_of(body)
+        if c.get("choices")
+    )
+
+
+async def test_stream_relayed_event_by_event_with_sse_headers(gateway, http) -> None:
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["Cache-Control"] == "no-cache"
+        assert resp.headers["X-Accel-Buffering"] == "no"
+        assert resp.headers["X-Request-ID"]
+        body = await resp.read()
+    data = sse_data(body)
+    assert data[-1] == "[DONE]"
+    first = json.loads(data[0])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert text_of(body)
+
+
+async def test_non_stream_json_is_relayed_with_status_and_content_type(gateway, http) -> None:
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat_body(stream=False)
+    ) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        answer = await resp.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "mock-gpt", "prompt": "hi"}),
+        ("/v1/embeddings", {"model": "mock-embed", "input": "hi"}),
+        ("/v1/responses", {"model": "mock-gpt", "input": "hi"}),
+    ],
+)
+async def test_other_post_routes_are_relayed(gateway, http, upstream, path, body) -> None:
+    async with http.post(f"{gateway.url}{path}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.json()
+    assert upstream.state.requests[path] == 1
+
+
+async def test_models_list_is_relayed(gateway, http) -> None:
+    async with http.get(f"{gateway.url}/v1/models") as resp:
+        assert resp.status == 200
+        models = await resp.json()
+    assert models["object"] == "list"
+    assert any(m["id"] == "mock-gpt" for m in models["data"])
+
+
+async def test_upstream_key_replaces_client_credentials_and_hop_headers_stay(
+    gateway, http, upstream
+) -> None:
+    headers = {
+        "Authorization": "Bearer gw-client-secret-aaaaaaaaaaaa",
+        "x-api-key": "gw-client-secret-bbbbbbbbbbbb",
+        "Connection": "keep-alive, x-hop",
+        "x-hop": "1",
+        "Keep-Alive": "timeout=5",
+        "Cookie": "session=abc",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "x-custom-trace": "kept",
+    }
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat_body(stream=False), headers=headers
+    ) as resp:
+        assert resp.status == 200
+    seen = upstream.state.last_headers
+    assert seen["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    for name in ("x-api-key", "Cookie", "Proxy-Authorization", "Keep-Alive", "x-hop"):
+        assert name not in seen
+    assert seen["x-custom-trace"] == "kept"
+
+
+async def test_events_split_at_every_byte_reach_the_client_whole(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory
+) -> None:
+    """The upstream writes its events one byte at a time, with CRLF line ends; each event
+    the client reads is complete (the gateway cuts only at event boundaries)."""
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"a\\nb"}}]}\r\n\r\n',
+        b": comment\r\n\r\n",
+        b'data: {"choices":[{"index":0,"delta":{"content":"c"}}],\r\ndata: "x":1}\r\n\r\n',
+        b"data: [DONE]\r\n\r\n",
+    ]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in events:
+            for i in range(len(ev)):
+                await resp.write(ev[i : i + 1])
+                await asyncio.sleep(0)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url)
+    received: list[bytes] = []
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{gw.url}/v1/chat/completions", json=chat_body(stream_options={"include_usage": True})
+        ) as resp:
+            async for chunk in resp.content.iter_any():
+                received.append(chunk)
+    body = b"".join(received)
+    assert body == b"".join(events)
+    for chunk in received:  # every write ends on an event boundary
+        assert chunk.endswith(b"\r\n\r\n")
+
+
+async def test_openai_sdk_streams_through_the_gateway(gateway) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    parts: list[str] = []
+    stream = await client.chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "hello there"}], stream=True
+    )
+    async for chunk in stream:
+        assert chunk.usage is None  # the usage the gateway asked for was stripped
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    await client.close()
+    assert "".join(parts)
+
+
+@pytest.mark.parametrize("style", ["openai", "vllm", "last-chunk"])
+async def test_usage_is_requested_then_stripped_but_accounted(
+    gateway, http, upstream, style
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with http.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=chat_body(),
+            headers={"x-mock-usage-style": style},
+        ) as resp:
+            body = await resp.read()
+    assert upstream.state.last_body["stream_options"]["include_usage"] is True
+    chunks = chunks_of(body)
+    assert all("usage" not in c or c["usage"] is None for c in chunks), body
+    assert text_of(body)  # the content (also on a last-chunk usage style) is kept
+    if style == "last-chunk":
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    access = [e for e in logs if e["event"] == "access"]
+    assert access[-1]["completion_tokens"] > 0
+    assert access[-1]["prompt_tokens"] > 0
+
+
+async def test_usage_asked_by_the_client_is_kept(gateway, http) -> None:
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions",
+        json=chat_body(stream_options={"include_usage": True}),
+    ) as resp:
+        body = await resp.read()
+    last = chunks_of(body)[-1]
+    assert last["choices"] == []
+    assert last["usage"]["total_tokens"] > 0
