@@ -12,7 +12,7 @@ from .config import Config
 from .health import ReadinessChecks
 from .middlewares.errors import make_errors_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
-from .state import CONFIG, HTTP, READINESS, UPSTREAMS
+from .state import CONFIG, HTTP, PUBLIC, READINESS, UPSTREAMS
 from .upstream import UpstreamPool
 
 
@@ -56,8 +56,8 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.append(_http_session)
     app.on_response_prepare.append(on_prepare)
 
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
+    app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
         app.router.add_post(path, relay.relay_post)
     app.router.add_get("/v1/models", relay.relay_get)

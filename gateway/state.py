@@ -5,13 +5,15 @@ No module-level mutable state: a key names a slot, the app or request holds the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import ClientSession, web
 
 from .config import Config
 from .exchange import Exchange
 from .identity import Identity
+
+from .usage import Usage
 
 if TYPE_CHECKING:
     from .health import ReadinessChecks
@@ -21,7 +23,33 @@ CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", ClientSession)
 UPSTREAMS: web.AppKey[UpstreamPool] = web.AppKey("upstreams")
 
+
+
+class Slot(Protocol):
+    """A concurrency slot (`max_concurrent`) held by a request.
+
+    The throttle middleware releases it when the handler returns, unless a handler took
+    ownership with `detach()` (a detached generation keeps it until the generation ends).
+    """
+
+    def detach(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class UsageRecorder(Protocol):
+    """Per-client usage totals (memory or Redis)."""
+
+    async def record(self, client: str, usage: Usage | None, *, streamed: bool) -> None: ...
+
+
+# Routes whose name starts with this are served without credentials (health, the demo page,
+# reading a detached stream whose unguessable id is its own authorization).
+PUBLIC = "public:"
+
 # Request-scoped: the record the access log is written from, and who is calling.
 EXCHANGE = web.RequestKey("exchange", Exchange)
 IDENTITY = web.RequestKey("identity", Identity)
 READINESS: web.AppKey[ReadinessChecks] = web.AppKey("readiness")
+SLOT = web.RequestKey("slot", Slot)
+USAGE = web.AppKey("usage", UsageRecorder)

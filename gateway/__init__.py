@@ -1,0 +1,1 @@
+"""gateway: a low-level streaming gateway for OpenAI-compatible LLM APIs."""
