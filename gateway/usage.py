@@ -1,0 +1,205 @@
+"""Token usage accounting on an OpenAI-style stream, sans-IO.
+
+The gateway always wants usage, so `ensure_usage_requested` asks the upstream for it, and a
+`UsageTap` on the relayed stream records it and, when the client had not asked, removes it
+again. Upstreams place usage differently:
+
+- OpenAI: `"usage": null` in every chunk, then a last chunk with `"choices": []` and usage;
+- vLLM and others: usage beside a final choice whose delta is empty;
+- some: usage on the last content chunk;
+- the Responses API: `response.usage` inside the `response.completed` event.
+
+The tap sits on the hot path, so it reads bytes first and parses JSON only for the rare event
+that carries a real usage object or a finish reason. That is safe because a JSON string
+escapes every `"`: the bytes `"usage":` can only be an object key, never text in a string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .sse import encode_event, iter_events, parse_event
+
+__all__ = ["Usage", "UsageTap", "ensure_usage_requested"]
+
+
+def _json_loads(s: str | bytes) -> Any:
+    return json.loads(s)
+
+
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_loads: Callable[[str | bytes], Any] = _json_loads
+_dumps: Callable[[Any], bytes] = _json_dumps
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
+    pass
+else:
+    _loads = orjson.loads
+    _dumps = orjson.dumps
+
+# `"usage": null` as a key, after a comma or first in its object (the `{` stays). Removing
+# it is a byte replacement, no parse: OpenAI sends one in every chunk once usage is on. It
+# would hit a nested `"usage": null` too; Chat/Completions chunks have none.
+_NULL_AFTER_COMMA = re.compile(rb',[ \t]*"usage"[ \t]*:[ \t]*null')
+_NULL_FIRST = re.compile(rb'\{[ \t]*"usage"[ \t]*:[ \t]*null(?:[ \t]*,[ \t]*)?')
+# What is worth a parse: a usage key whose value is not null, or a finish reason being set.
+# Possessive `*+` so that the blank before `null` cannot be given back to dodge `(?!null)`.
+_WORTH_PARSING = re.compile(rb'"usage"[ \t]*+:[ \t]*+(?!null)|"finish_reason"[ \t]*+:[ \t]*+"')
+# `data: [DONE]` as a line of its own: a raw line break never occurs inside JSON text.
+_DONE = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\][ \t]*(?:\r\n|\r|\n)")
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_obj(cls, obj: object) -> Usage | None:
+        """Read an upstream usage object (Chat/Completions or Responses API names).
+
+        Missing or null counts are 0; a missing total is prompt + completion. Returns None
+        when `obj` is not an object carrying any count.
+        """
+        if not isinstance(obj, dict):
+            return None
+        prompt = _count(obj, "prompt_tokens", "input_tokens")
+        completion = _count(obj, "completion_tokens", "output_tokens")
+        total = _count(obj, "total_tokens")
+        if prompt is None and completion is None and total is None:
+            return None
+        prompt, completion = prompt or 0, completion or 0
+        return cls(prompt, completion, prompt + completion if total is None else total)
+
+
+def _count(obj: dict[Any, Any], *names: str) -> int | None:
+    for name in names:
+        value = obj.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def ensure_usage_requested(body: dict[str, Any]) -> bool:
+    """Make a streaming Chat/Completions request ask for usage; True if the gateway added it.
+
+    True means the client did not ask, so its stream's usage must be stripped
+    (`UsageTap(strip=True)`). Other `stream_options` keys are kept. A `stream_options` that
+    is not an object is left for the upstream to reject.
+    """
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if options is None:
+        body["stream_options"] = {"include_usage": True}
+        return True
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return False
+    options["include_usage"] = True
+    return True
+
+
+class UsageTap:
+    """Watch a relayed stream block by block: record usage, `done` and the finish reason.
+
+    With `strip` (the gateway requested usage the client did not), usage is removed before
+    the client sees it: `"usage": null` keys by byte replacement, a usage-only chunk as a
+    whole event, and otherwise just the `usage` key of the chunk carrying it. Use `strip`
+    only on Chat/Completions streams.
+    """
+
+    __slots__ = ("done", "finish_reason", "strip", "usage")
+
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.usage: Usage | None = None  # the last non-null usage seen
+        self.done = False  # `data: [DONE]` seen
+        self.finish_reason: str | None = None  # last one set on choice 0
+
+    def process(self, block: bytes) -> bytes:
+        """Take a block of whole events (from `EventSplitter.feed`); return what to forward.
+
+        A block with nothing to record or strip is returned as the very same object.
+        """
+        if b"[DONE]" in block and _DONE.search(block):
+            self.done = True
+        has_usage = b'"usage"' in block
+        if not has_usage and b'"finish_reason"' not in block:
+            return block
+        if self.strip and has_usage:
+            block = block.replace(b',"usage":null', b"")  # OpenAI's own spelling: fastest
+            if b'"usage"' in block:
+                block = _NULL_FIRST.sub(b"{", _NULL_AFTER_COMMA.sub(b"", block))
+        if _WORTH_PARSING.search(block) is None:
+            return block
+        return b"".join(
+            self._process_event(raw) if _WORTH_PARSING.search(raw) else raw
+            for raw in iter_events(block)
+        )
+
+    def _process_event(self, raw: bytes) -> bytes:
+        event = parse_event(raw)
+        if event is None or event.data is None:
+            return raw
+        try:
+            obj = _loads(event.data)
+        except ValueError:
+            return raw  # not JSON: not ours to judge, forward it
+        if not isinstance(obj, dict):
+            return raw
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            self._note_finish(choices)
+        response = obj.get("response")
+        if isinstance(response, dict):  # Responses API: `response.completed` and kin
+            self._note_usage(response.get("usage"))
+        if "usage" not in obj:
+            return raw
+        self._note_usage(obj["usage"])
+        if not self.strip:
+            return raw
+        if obj["usage"] is not None and _only_empty_choices(choices):
+            return b""  # a usage-only chunk: the client never asked for it
+        del obj["usage"]
+        data = _dumps(obj).decode()
+        return encode_event(data, event=event.event, id=event.id, retry=event.retry)
+
+    def _note_usage(self, obj: object) -> None:
+        usage = Usage.from_obj(obj)
+        if usage is not None:
+            self.usage = usage
+
+    def _note_finish(self, choices: list[Any]) -> None:
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str):
+                    self.finish_reason = reason
+
+
+def _only_empty_choices(choices: object) -> bool:
+    """True when no choice carries anything: no delta content, text, finish or logprobs."""
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+            return False
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or any(delta.values()) or choice.get("text"):
+            return False
+    return True
