@@ -184,6 +184,10 @@ async def _relay_stream(
                 await out.write(block)
                 if ex.ttfb is None:
                     ex.ttfb = loop.time()
+        if failure is None and (rest := splitter.flush()).strip():
+            # The upstream's last event lacked its blank line: complete it rather than drop it.
+            heartbeat.last = loop.time()
+            await out.write(tap.process(rest + b"\n\n"))
         if failure is None and not tap.done and request.path != "/v1/responses":
             # The upstream closed without `data: [DONE]`: the client must not mistake
             # a cut stream for a finished one.
