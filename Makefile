@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GW := $(VENV)/bin/gateway
 CONFIG ?= config.toml
+# ruff's settings live here: pyproject.toml holds only [build-system].
+RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean
 
@@ -38,7 +40,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check gateway tests
+	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
 	$(VENV)/bin/mypy gateway
 
 check-config: install

@@ -422,7 +422,8 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
     for i in range(len(cfg.upstreams)):
         if f"upstreams[{i}].api_key" in ld.literal and cfg.upstreams[i].api_key:
             ld.warnings.append(
-                f"upstreams[{i}].api_key: a literal key in the file; prefer ${{VAR}} from the environment"
+                f"upstreams[{i}].api_key: a literal key in the file; "
+                "prefer ${VAR} from the environment"
             )
     if "auth.jwt.secret" in ld.literal and jwt.secret:
         ld.warnings.append(
@@ -443,7 +444,8 @@ def parse(text: str, *, source: str = "<string>", env: Mapping[str, str] | None 
         _cross_checks(cfg, ld)
     if ld.problems or cfg is None:
         raise ConfigError(ld.problems)
-    return dataclasses.replace(cfg, source=source, warnings=tuple(ld.warnings))
+    built: Config = dataclasses.replace(cfg, source=source, warnings=tuple(ld.warnings))
+    return built
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

@@ -15,7 +15,11 @@ ROOT = Path(__file__).parent.parent
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
     )
 
 

@@ -68,11 +68,17 @@ def test_numbers_from_the_environment_are_numbers() -> None:
         ("[server]\nport = 70000", "server.port: must be a port number from 0 to 65535"),
         ("[sse]\nheartbeat_interval = -1", "sse.heartbeat_interval: must be a positive number"),
         ('[auth]\nmode = "magic"', "auth.mode: must be one of"),
-        ('[server]\ntrusted_proxies = ["nope"]', "server.trusted_proxies: 'nope' is not an IP network"),
-        ('[[auth.keys]]\nclient = "c"\nsha256 = "abc"', "auth.keys[0].sha256: must be the 64 hex digits"),
-        ("[[auth.keys]]\nsha256 = \"\"", "auth.keys[0].client: is required"),
+        (
+            '[server]\ntrusted_proxies = ["nope"]',
+            "server.trusted_proxies: 'nope' is not an IP network",
+        ),
+        (
+            '[[auth.keys]]\nclient = "c"\nsha256 = "abc"',
+            "auth.keys[0].sha256: must be the 64 hex digits",
+        ),
+        ('[[auth.keys]]\nsha256 = ""', "auth.keys[0].client: is required"),
         ('[cors]\nallow_origins = ["*"]\nallow_credentials = true', "cors.allow_origins:"),
-        ('[server]\nworkers = 2', "server.workers: workers > 1 needs"),
+        ("[server]\nworkers = 2", "server.workers: workers > 1 needs"),
     ],
 )
 def test_problems_name_the_key_path(snippet: str, expected: str) -> None:
@@ -103,8 +109,14 @@ def test_toml_syntax_error_is_a_problem_not_a_traceback() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["port", "host", "workers", "max_body_bytes", "shutdown_grace", "bogus"]),
-                       st.one_of(st.integers(-5, 70000), st.text(max_size=5), st.booleans(), st.floats(allow_nan=True))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["port", "host", "workers", "max_body_bytes", "shutdown_grace", "bogus"]),
+        st.one_of(
+            st.integers(-5, 70000), st.text(max_size=5), st.booleans(), st.floats(allow_nan=True)
+        ),
+    )
+)
 def test_any_server_table_parses_or_fails_with_named_problems(table: dict[str, object]) -> None:
     """Whatever a user writes, the loader answers a Config or ConfigError, never a crash."""
     lines = ["[server]"]
