@@ -10,9 +10,16 @@ from aiohttp import web
 from . import health, relay
 from .config import Config
 from .health import ReadinessChecks
+from .limits import MemoryLimiter
+from .middlewares import headers
+from .middlewares.auth import make_auth_middleware
+from .middlewares.cors import make_cors_middleware
 from .middlewares.errors import make_errors_middleware
+from .middlewares.ipthrottle import make_ip_throttle_middleware
+from .middlewares.throttle import make_client_throttle_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
-from .state import CONFIG, HTTP, PUBLIC, READINESS, UPSTREAMS
+from .policy import PolicyHolder
+from .state import CONFIG, HTTP, LIMITER, POLICY, PUBLIC, READINESS, UPSTREAMS
 from .upstream import UpstreamPool
 
 
@@ -41,20 +48,34 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(cfg: Config) -> web.Application:
     """Build the gateway's one Application from a validated config."""
+    # Keys, limits and CORS derived from the config; a reload swaps them: policy.replace(cfg).
+    policy = PolicyHolder(cfg)
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
-        # Outermost first. tracing: every response gets a request id and an access line, even
-        # errors from the layers below. errors: renders the error tree as OpenAI JSON before
-        # the outer layers see the response.
+        # Outermost first.
+        # tracing: every response gets a request id and an access line, even errors below.
+        # cors: outside errors, so rendered 401/429s carry the headers a browser needs to
+        #   read them; answers preflights before anything asks for credentials.
+        # errors: renders the error tree as OpenAI JSON for everything below it.
+        # ip throttle: before auth, so a flood of bad credentials is refused cheaply.
+        # auth: who is calling (skips public routes).
+        # client throttle: that caller's rpm, tpm and concurrency slot, held around the handler.
         middlewares=[
             make_tracing_middleware(),
+            make_cors_middleware(policy),
             make_errors_middleware(),
+            make_ip_throttle_middleware(policy),
+            make_auth_middleware(policy),
+            make_client_throttle_middleware(policy),
         ],
     )
     app[CONFIG] = cfg
+    app[POLICY] = policy
+    app[LIMITER] = MemoryLimiter()
     app[READINESS] = ReadinessChecks()
     app.cleanup_ctx.append(_http_session)
     app.on_response_prepare.append(on_prepare)
+    app.on_response_prepare.append(headers.on_prepare)
 
     app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
     app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")

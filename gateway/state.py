@@ -17,6 +17,8 @@ from .usage import Usage
 
 if TYPE_CHECKING:
     from .health import ReadinessChecks
+    from .limits import LimiterBackend
+    from .policy import PolicyHolder
     from .upstream import UpstreamPool
 
 CONFIG = web.AppKey("config", Config)
@@ -52,4 +54,13 @@ EXCHANGE = web.RequestKey("exchange", Exchange)
 IDENTITY = web.RequestKey("identity", Identity)
 READINESS: web.AppKey[ReadinessChecks] = web.AppKey("readiness")
 SLOT = web.RequestKey("slot", Slot)
+# The caller's address (gateway.clientip: TCP peer, or X-Forwarded-For from a trusted proxy).
+CLIENT_IP = web.RequestKey("client_ip", str)
+# Headers the middlewares want on the response, applied right before it is prepared (so a
+# stream prepared inside the handler gets them too): CORS, x-ratelimit-*.
+RESPONSE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("response_headers")
+# Keys, JWT keys, limits and CORS derived from the config; `.replace(cfg)` on reload.
+POLICY: web.AppKey[PolicyHolder] = web.AppKey("policy")
+# The limiter backend (memory, or Redis when limits.backend = "redis").
+LIMITER: web.AppKey[LimiterBackend] = web.AppKey("limiter")
 USAGE = web.AppKey("usage", UsageRecorder)

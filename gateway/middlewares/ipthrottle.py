@@ -1,0 +1,38 @@
+"""Per-IP throttle, before auth: `[limits].per_ip_rpm` per client address.
+
+It runs before credentials are checked, so a flood of bad keys from one address is refused
+cheaply here. The address is the TCP peer, or what a trusted proxy forwarded
+(`gateway.clientip`); it is stored at `request[CLIENT_IP]` for the layers below.
+"""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..clientip import client_ip
+from ..errors import RateLimited
+from ..policy import PolicyHolder
+from ..state import CLIENT_IP, EXCHANGE, LIMITER
+
+
+def make_ip_throttle_middleware(holder: PolicyHolder) -> Middleware:
+    @web.middleware
+    async def ip_throttle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        policy = holder.current
+        ip = client_ip(
+            request.remote,
+            request.headers.getall(hdrs.X_FORWARDED_FOR, ()),
+            policy.trusted_proxies,
+        )
+        request[CLIENT_IP] = ip
+        if policy.per_ip is not None:
+            decision = await request.app[LIMITER].hit(f"ip:{ip}", policy.per_ip)
+            if not decision.allowed:
+                request[EXCHANGE].reason = "ip_rpm"
+                raise RateLimited(
+                    "Too many requests from this address", retry_after=decision.retry_after
+                )
+        return await handler(request)
+
+    return ip_throttle
