@@ -71,6 +71,10 @@ class MemoryLimiter:
         """How many keys hold state (for tests and metrics)."""
         return len(self._tat) + len(self._leases)
 
+    def held(self, key: str) -> int:
+        """Leases held under `key` (for tests and metrics)."""
+        return len(self._leases.get(key, ()))
+
     def _now(self) -> float:
         now = self._clock()
         if now >= self._next_sweep:

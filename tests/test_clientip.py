@@ -1,0 +1,77 @@
+"""The client address: TCP peer, or X-Forwarded-For believed only from trusted proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import aiohttp
+
+from gateway.clientip import client_ip
+from tests.conftest import GatewayFactory, Upstream
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def test_an_untrusted_peer_is_the_client_whatever_it_forwards() -> None:
+    assert client_ip("203.0.113.9", ["1.2.3.4"], PROXIES) == "203.0.113.9"
+
+
+def test_a_trusted_peer_yields_the_right_most_untrusted_forwarded_address() -> None:
+    xff = ["6.6.6.6, 198.51.100.7, 10.0.0.3"]  # 6.6.6.6 was written by the client itself
+    assert client_ip("10.0.0.2", xff, PROXIES) == "198.51.100.7"
+
+
+def test_several_header_lines_read_as_one_list() -> None:
+    assert client_ip("10.0.0.2", ["6.6.6.6", "198.51.100.7, 10.1.1.1"], PROXIES) == "198.51.100.7"
+
+
+def test_a_chain_of_only_trusted_proxies_yields_the_left_most_of_them() -> None:
+    assert client_ip("10.0.0.2", ["10.0.0.9, 10.0.0.8"], PROXIES) == "10.0.0.9"
+
+
+def test_a_trusted_peer_without_the_header_is_the_client() -> None:
+    assert client_ip("10.0.0.2", [], PROXIES) == "10.0.0.2"
+
+
+def test_garbage_in_the_chain_stops_the_walk_at_the_last_trusted_hop() -> None:
+    assert client_ip("10.0.0.2", ["1.2.3.4, not-an-ip, 10.0.0.5"], PROXIES) == "10.0.0.5"
+
+
+def test_ports_brackets_and_mapped_addresses_are_normalised() -> None:
+    assert client_ip("10.0.0.2", ["198.51.100.7:5000"], PROXIES) == "198.51.100.7"
+    assert client_ip("10.0.0.2", ["[2001:db8::1]:443"], PROXIES) == "2001:db8::1"
+    assert client_ip("::ffff:203.0.113.9", [], PROXIES) == "203.0.113.9"
+    assert client_ip("::1", ["2001:db8::2"], PROXIES) == "2001:db8::2"
+
+
+def test_no_trusted_proxies_means_the_header_is_never_read() -> None:
+    assert client_ip("10.0.0.2", ["1.2.3.4"], ()) == "10.0.0.2"
+
+
+async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
+    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # 127.0.0.1 is not a trusted proxy here: each "different" forwarded address is the same
+    # client, so the per-IP limit (1 at once) refuses the second.
+    gw = await gateway_factory(
+        upstream.url,
+        server={"trusted_proxies": ["10.0.0.0/8"]},
+        limits={"per_ip_rpm": 1},
+    )
+    r1 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
+    r2 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.2"})
+    assert (r1.status, r2.status) == (200, 429)
+
+
+async def test_forwarded_for_from_a_trusted_proxy_separates_clients(
+    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(
+        upstream.url,
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+        limits={"per_ip_rpm": 1},
+    )
+    r1 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
+    r2 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.2"})
+    r3 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
+    assert (r1.status, r2.status, r3.status) == (200, 200, 429)
