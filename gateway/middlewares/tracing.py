@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
-from ..state import EXCHANGE
+from ..state import CLIENT_IP, EXCHANGE
 
 access_log = structlog.get_logger("gateway.access")
 
@@ -94,6 +94,7 @@ def _log(request: web.Request, ex: Exchange, now: float) -> None:
         "access",
         method=request.method,
         path=request.path,
+        ip=request.get(CLIENT_IP),
         client=ex.client,
         model=ex.model,
         stream=ex.stream,
@@ -105,4 +106,5 @@ def _log(request: web.Request, ex: Exchange, now: float) -> None:
         completion_tokens=usage.completion_tokens if usage else None,
         upstream=ex.upstream,
         attempts=ex.attempts,
+        throttled=ex.reason,
     )
