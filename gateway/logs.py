@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import orjson
 import structlog
 
-from .config import LoggingConfig
+from .config import Config, LoggingConfig
 
 # Gateway keys (gw-...), OpenAI-style keys (sk-...), bearer tokens and JWTs (three base64url
 # parts, the first starting with eyJ).
@@ -29,32 +29,73 @@ _SECRET = re.compile(
 )
 
 
-def _scrub(value: Any) -> Any:
-    if isinstance(value, str):
-        return _SECRET.sub("[REDACTED]", value) if ("-" in value or "." in value or " " in value) else value
-    if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value]
-    return value
+# Fields whose whole value is a credential, whatever it looks like.
+_SECRET_NAMES = re.compile(r"authorization|api[_-]?key|token|secret|password|cookie", re.I)
+REDACTED = "[REDACTED]"
 
 
-def redact(
-    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """structlog processor: mask anything shaped like a secret, in every field."""
-    for key, value in event_dict.items():
-        if isinstance(value, (str, dict, list, tuple)):
-            event_dict[key] = _scrub(value)
-    return event_dict
+class Redactor:
+    """structlog processor: mask anything shaped like a secret, in every field.
+
+    Three nets: fields named like a credential (`authorization`, `api_key`, `token`, ...),
+    values shaped like one (gw-/sk- keys, JWTs, whatever follows `Bearer `), and the literal
+    secrets of this config (upstream keys, the JWT secret) that may have any shape.
+    """
+
+    def __init__(self, literals: Iterable[str] = ()) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        self._literals = tuple(sorted({s for s in literals if len(s) >= 4}, key=len, reverse=True))
+
+    def scrub(self, value: Any, name: str = "") -> Any:
+        if isinstance(value, str):
+            if name and _SECRET_NAMES.search(name) and value:
+                return REDACTED
+            for lit in self._literals:
+                if lit in value:
+                    value = value.replace(lit, REDACTED)
+            if "-" in value or "." in value or " " in value:
+                value = _SECRET.sub(REDACTED, value)
+            return value
+        if isinstance(value, Mapping):
+            return {k: self.scrub(v, str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.scrub(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.scrub(str(value))
+        return value
+
+    def __call__(
+        self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in event_dict.items():
+            if isinstance(value, (str, Mapping, list, tuple)):
+                event_dict[key] = self.scrub(value, key)
+        return event_dict
+
+
+redact = Redactor()
+"""The processor with no literal secrets: patterns and field names only."""
+
+
+def config_secrets(cfg: Config) -> list[str]:
+    """The literal secrets a config holds, for `configure(..., secrets=...)`."""
+    out = [u.api_key for u in cfg.upstreams if u.api_key]
+    if cfg.auth.jwt.secret:
+        out.append(cfg.auth.jwt.secret)
+    return out
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
-def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
-    """Configure structlog and the standard library's logging once, for the whole process."""
+def configure(
+    cfg: LoggingConfig, stream: TextIO | None = None, *, secrets: Iterable[str] = ()
+) -> None:
+    """Configure structlog and the standard library's logging once, for the whole process.
+
+    `secrets` are literal values never to be written (see `config_secrets`)."""
+    redact = Redactor(secrets)
     level = getattr(logging, cfg.level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -84,7 +84,7 @@ async def _serve(cfg: Config) -> int:
 
 def serve(cfg: Config) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit code."""
-    logs.configure(cfg.logging)
+    logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()

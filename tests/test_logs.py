@@ -1,0 +1,109 @@
+"""Logs never carry a key, a JWT or an upstream key: unit tests of the redactor, and a test
+that captures every line written while requests carry secrets and greps for them."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import jwt
+import orjson
+import pytest
+import structlog
+
+from gateway import logs
+from gateway.config import LoggingConfig
+from tests.conftest import TEST_KEY, UPSTREAM_KEY, GatewayFactory, Upstream, chat_body
+
+JWT_SECRET = "plainjwtsecretwithnoshape0123456789"
+
+
+def test_fields_named_like_credentials_are_masked_whatever_their_value() -> None:
+    r = logs.Redactor()
+    out = r(None, "", {"authorization": "abc", "x-api-key": "k", "headers": {"Cookie": "c=1"}})
+    assert out == {"authorization": "[REDACTED]", "x-api-key": "[REDACTED]",
+                   "headers": {"Cookie": "[REDACTED]"}}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"bad key {TEST_KEY} sent",
+        "upstream said: Incorrect API key provided: sk-proj-abcdefghijklmnop",
+        "Authorization: Bearer opaque_token_value",
+        "token " + jwt.encode({"sub": "x"}, "s" * 32, algorithm="HS256"),
+    ],
+)
+def test_values_shaped_like_secrets_are_masked(text: str) -> None:
+    out = logs.Redactor()(None, "", {"event": text, "nested": [{"detail": text}]})
+    assert "[REDACTED]" in out["event"] and out["nested"][0]["detail"] == out["event"]
+    for word in text.split():
+        if len(word) > 20:
+            assert word not in str(out)
+
+
+def test_configured_literal_secrets_are_masked_even_without_a_shape() -> None:
+    out = logs.Redactor([JWT_SECRET])(None, "", {"event": f"x{JWT_SECRET}y", "n": 3})
+    assert out == {"event": "x[REDACTED]y", "n": 3}
+
+
+def test_ordinary_values_pass_untouched() -> None:
+    event = {"event": "access", "path": "/v1/chat/completions", "model": "gpt-4o-mini",
+             "prompt_tokens": 12, "request_id": "abc-123.x"}
+    assert logs.Redactor()(None, "", dict(event)) == event
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """Logging configured as `gateway serve` does, into a buffer; restored afterwards."""
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").disabled)
+    logs.configure(LoggingConfig(), buf, secrets=[UPSTREAM_KEY, JWT_SECRET])
+    yield buf
+    structlog.reset_defaults()
+    root.handlers[:], _, logging.getLogger("aiohttp.access").disabled = saved
+    root.setLevel(saved[1])
+
+
+async def test_no_secret_reaches_any_log_line_during_requests(
+    captured: io.StringIO, gateway_factory: GatewayFactory, upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(
+        upstream.url, auth={"mode": "keys+jwt"}, **{"auth.jwt": {"secret": JWT_SECRET}}
+    )
+    now = int(time.time())
+    good_jwt = jwt.encode({"sub": "tester", "exp": now + 60}, JWT_SECRET, algorithm="HS256")
+    expired = jwt.encode({"sub": "tester", "exp": now - 60}, JWT_SECRET, algorithm="HS256")
+    forged = jwt.encode({"sub": "tester"}, "not-the-secret-0123456789abcdefghijkl", algorithm="HS256")
+    wrong_key = "gw-wrong-0123456789abcdefghijklmnopqrstu"
+    secrets = [TEST_KEY, UPSTREAM_KEY, JWT_SECRET, good_jwt, expired, forged, wrong_key]
+
+    url = f"{gw.url}/v1/chat/completions"
+    for cred in (TEST_KEY, good_jwt, expired, forged, wrong_key):
+        for headers in ({"Authorization": f"Bearer {cred}"}, {"x-api-key": cred}):
+            async with http.post(url, json=chat_body(), headers=headers) as r:
+                await r.read()
+    # Secrets where a careless client puts them: request id, model, query, a Basic header.
+    async with http.post(
+        url + f"?key={TEST_KEY}",
+        json=chat_body(model=TEST_KEY),
+        headers={"Authorization": f"Bearer {TEST_KEY}", "X-Request-ID": TEST_KEY},
+    ) as r:
+        await r.read()
+    async with http.get(f"{gw.url}/nope", headers={"Authorization": f"Basic {TEST_KEY}"}) as r:
+        await r.read()
+    # Library code logging a secret through the standard library, and a careless log call.
+    logging.getLogger("aiohttp.client").warning("retrying with key %s", UPSTREAM_KEY)
+    structlog.get_logger("x").info("debug", headers={"Authorization": f"Bearer {TEST_KEY}"})
+
+    text = captured.getvalue()
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    assert sum(1 for e in lines if e.get("event") == "access") == 12
+    assert "[REDACTED]" in text
+    for secret in secrets:
+        assert secret not in text, "a secret reached the logs"
