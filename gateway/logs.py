@@ -30,7 +30,9 @@ _SECRET = re.compile(
 
 
 # Fields whose whole value is a credential, whatever it looks like.
-_SECRET_NAMES = re.compile(r"authorization|api[_-]?key|token|secret|password|cookie", re.I)
+_SECRET_NAMES = re.compile(
+    r"authorization|api[_-]?key|token|secret|password|cookie", re.IGNORECASE
+)
 REDACTED = "[REDACTED]"
 
 
