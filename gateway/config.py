@@ -419,6 +419,10 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
             ld.problem("auth.jwt.public_key_file", "is required for RS*/ES* algorithms")
         if jwt.public_key_file and not Path(jwt.public_key_file).is_file():
             ld.problem("auth.jwt.public_key_file", f"{jwt.public_key_file!r} is not a file")
+        elif jwt.public_key_file and not _is_pem_public_key(Path(jwt.public_key_file)):
+            ld.problem("auth.jwt.public_key_file", "is not a PEM public key")
+        if hs and jwt.secret and len(jwt.secret.encode()) < 32:
+            ld.warnings.append("auth.jwt.secret: shorter than 32 bytes (RFC 7518 3.2 asks for 32)")
     for i in range(len(cfg.upstreams)):
         if f"upstreams[{i}].api_key" in ld.literal and cfg.upstreams[i].api_key:
             ld.warnings.append(
@@ -429,6 +433,16 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         ld.warnings.append(
             "auth.jwt.secret: a literal secret in the file; prefer ${VAR} from the environment"
         )
+
+
+def _is_pem_public_key(path: Path) -> bool:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def parse(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:

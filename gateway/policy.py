@@ -8,7 +8,7 @@ attribute swap, no restart, requests in flight keep the policy they started with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -81,7 +81,10 @@ class JWTPolicy:
 def build_jwt(cfg: JWTConfig) -> JWTPolicy:
     public: Any = None
     if cfg.public_key_file:
-        public = load_pem_public_key(Path(cfg.public_key_file).read_bytes())
+        try:
+            public = load_pem_public_key(Path(cfg.public_key_file).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"auth.jwt.public_key_file: not a PEM public key ({exc})") from None
     # One key per algorithm: an HS* token is never checked against the public key (the
     # classic algorithm-confusion hole), an RS*/ES* token never against the secret.
     keys = {
@@ -139,12 +142,25 @@ def build_policy(cfg: Config) -> Policy:
 
 
 class PolicyHolder:
-    """The current Policy; `replace` swaps in one built from a new config (SIGHUP)."""
+    """The current Policy; a reload (SIGHUP) swaps in one built from the new config.
+
+    `prepare_reload(cfg)` builds the new policy (raising ValueError if it cannot) and returns
+    the commit that swaps it in, the two-phase shape of `app[RELOADERS].add(...)`;
+    `replace(cfg)` does both at once.
+    """
 
     __slots__ = ("current",)
 
     def __init__(self, cfg: Config) -> None:
         self.current = build_policy(cfg)
 
+    def prepare_reload(self, cfg: Config) -> Callable[[], None]:
+        new = build_policy(cfg)
+
+        def commit() -> None:
+            self.current = new
+
+        return commit
+
     def replace(self, cfg: Config) -> None:
-        self.current = build_policy(cfg)
+        self.prepare_reload(cfg)()
