@@ -31,39 +31,41 @@ EXPOSE_HEADERS = (
 
 @dataclass(frozen=True, slots=True)
 class CORSPolicy:
-    """Exact-origin allow-list with its response headers precomputed."""
+    """Exact-origin allow-list; every header set it answers with is built at construction."""
 
-    origins: frozenset[str]
-    any_origin: bool
-    credentials: bool
-    preflight: Mapping[str, str]  # for a 204 preflight answer, minus Allow-Origin
-    actual: Mapping[str, str]  # for every other response to an allowed origin, minus Allow-Origin
+    preflight: Mapping[str, Mapping[str, str]]  # origin -> headers of a 204 preflight answer
+    actual: Mapping[str, Mapping[str, str]]  # origin -> headers of any other response
+    wildcard: tuple[Mapping[str, str], Mapping[str, str]] | None  # for "*": same two, any origin
 
-    def allows(self, origin: str) -> bool:
-        return self.any_origin or origin in self.origins
+    def for_preflight(self, origin: str) -> Mapping[str, str] | None:
+        found = self.preflight.get(origin)
+        return found if found is not None or self.wildcard is None else self.wildcard[0]
 
-    def allow_origin(self, origin: str) -> str:
-        # "*" only when every origin is allowed and no credentials travel (Fetch standard).
-        return "*" if self.any_origin and not self.credentials else origin
+    def for_actual(self, origin: str) -> Mapping[str, str] | None:
+        found = self.actual.get(origin)
+        return found if found is not None or self.wildcard is None else self.wildcard[1]
 
 
 def build_cors(cfg: CORSConfig) -> CORSPolicy:
-    common = {"Vary": "Origin"}
-    if cfg.allow_credentials:
-        common["Access-Control-Allow-Credentials"] = "true"
-    preflight = {
-        **common,
-        "Access-Control-Allow-Methods": ALLOW_METHODS,
-        "Access-Control-Allow-Headers": ALLOW_HEADERS,
-        "Access-Control-Max-Age": str(cfg.max_age),
-    }
-    actual = {**common, "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+    def headers(allow_origin: str) -> tuple[Mapping[str, str], Mapping[str, str]]:
+        common = {"Access-Control-Allow-Origin": allow_origin, "Vary": "Origin"}
+        if cfg.allow_credentials:
+            common["Access-Control-Allow-Credentials"] = "true"
+        preflight = {
+            **common,
+            "Access-Control-Allow-Methods": ALLOW_METHODS,
+            "Access-Control-Allow-Headers": ALLOW_HEADERS,
+            "Access-Control-Max-Age": str(cfg.max_age),
+        }
+        actual = {**common, "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+        return MappingProxyType(preflight), MappingProxyType(actual)
+
+    listed = {o: headers(o) for o in cfg.allow_origins if o != "*"}
+    # "*" never comes with credentials (refused at config load), so it can be answered as "*".
     return CORSPolicy(
-        origins=frozenset(o for o in cfg.allow_origins if o != "*"),
-        any_origin="*" in cfg.allow_origins,
-        credentials=cfg.allow_credentials,
-        preflight=MappingProxyType(preflight),
-        actual=MappingProxyType(actual),
+        preflight=MappingProxyType({o: h[0] for o, h in listed.items()}),
+        actual=MappingProxyType({o: h[1] for o, h in listed.items()}),
+        wildcard=headers("*") if "*" in cfg.allow_origins else None,
     )
 
 

@@ -21,7 +21,8 @@ def test_the_policy_holds_only_key_hashes_and_precomputed_cors_headers() -> None
     policy = build_policy(cfg)
     assert TEST_KEY not in repr(policy)
     assert hashlib.sha256(TEST_KEY.encode()).hexdigest() in policy.by_hash
-    assert policy.cors.preflight["Access-Control-Max-Age"] == "600"
+    assert policy.cors.preflight["http://a"]["Access-Control-Max-Age"] == "600"
+    assert policy.cors.for_actual("http://b") is None
 
 
 def test_a_key_made_by_keygen_is_accepted_by_its_pasted_block() -> None:

@@ -16,6 +16,8 @@ from ..errors import Forbidden
 from ..policy import PolicyHolder
 from .headers import add_response_headers
 
+_VARY = {"Vary": "Origin"}  # a refused origin: no CORS headers, but caches must still vary
+
 
 def make_cors_middleware(policy: PolicyHolder) -> Middleware:
     @web.middleware
@@ -24,24 +26,18 @@ def make_cors_middleware(policy: PolicyHolder) -> Middleware:
         if origin is None:
             return await handler(request)
         rules = policy.current.cors
-        allowed = rules.allows(origin)
         preflight = (
             request.method == hdrs.METH_OPTIONS
             and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
         )
         if preflight:
-            if not allowed:
+            answer = rules.for_preflight(origin)
+            if answer is None:
                 response = Forbidden("CORS origin not allowed", code="cors_origin").response()
                 response.headers["Vary"] = "Origin"
                 return response
-            headers = {**rules.preflight, "Access-Control-Allow-Origin": rules.allow_origin(origin)}
-            return web.Response(status=204, headers=headers)
-        if allowed:
-            add_response_headers(
-                request, {**rules.actual, "Access-Control-Allow-Origin": rules.allow_origin(origin)}
-            )
-        else:
-            add_response_headers(request, {"Vary": "Origin"})
+            return web.Response(status=204, headers=answer)
+        add_response_headers(request, rules.for_actual(origin) or _VARY)
         return await handler(request)
 
     return cors

@@ -8,12 +8,14 @@ a JSON answer, a rendered error or a stream.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from ..state import RESPONSE_HEADERS
 
 
-def add_response_headers(request: web.Request, headers: dict[str, str]) -> None:
+def add_response_headers(request: web.Request, headers: Mapping[str, str]) -> None:
     """Ask for `headers` on this request's response (later calls win on the same name)."""
     pending = request.get(RESPONSE_HEADERS)
     if pending is None:
