@@ -100,8 +100,12 @@ def build_jwt(cfg: JWTConfig) -> JWTPolicy:
         issuer=cfg.issuer or None,
         client_claim=cfg.client_claim,
         defaults=Identity(
-            client="", rpm=cfg.rpm, burst=cfg.burst, tpm=cfg.tpm,
-            max_concurrent=cfg.max_concurrent, models=cfg.models,
+            client="",
+            rpm=cfg.rpm,
+            burst=cfg.burst,
+            tpm=cfg.tpm,
+            max_concurrent=cfg.max_concurrent,
+            models=cfg.models,
         ),
     )
 
@@ -124,8 +128,12 @@ def build_policy(cfg: Config) -> Policy:
     by_client: dict[str, Identity] = {}
     for k in cfg.auth.keys:
         ident = Identity(
-            client=k.client, rpm=k.rpm, burst=k.burst, tpm=k.tpm,
-            max_concurrent=k.max_concurrent, models=k.models,
+            client=k.client,
+            rpm=k.rpm,
+            burst=k.burst,
+            tpm=k.tpm,
+            max_concurrent=k.max_concurrent,
+            models=k.models,
         )
         by_client[k.client] = ident
         if k.sha256:

@@ -52,7 +52,9 @@ async def keys_gw(gateway_factory: GatewayFactory, upstream: Upstream) -> Gatewa
     return await gateway_factory(upstream.url, auth={"mode": "keys"})
 
 
-async def test_a_valid_key_as_bearer_is_accepted(keys_gw: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_a_valid_key_as_bearer_is_accepted(
+    keys_gw: Gateway, http: aiohttp.ClientSession
+) -> None:
     status, _, _ = await chat(http, keys_gw, bearer(TEST_KEY))
     assert status == 200
 
@@ -75,8 +77,13 @@ async def test_the_clients_key_is_never_forwarded_upstream(
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, bearer("gw-wrong-key-0123456789abcdefghijklmnop"), {"Authorization": "Basic abc"},
-     {"Authorization": "Bearer "}, {"x-api-key": TEST_KEY + "x"}],
+    [
+        {},
+        bearer("gw-wrong-key-0123456789abcdefghijklmnop"),
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer "},
+        {"x-api-key": TEST_KEY + "x"},
+    ],
     ids=["missing", "wrong", "not-bearer", "empty", "longer"],
 )
 async def test_bad_credentials_are_401_with_www_authenticate_and_openai_json(
@@ -90,12 +97,16 @@ async def test_bad_credentials_are_401_with_www_authenticate_and_openai_json(
     assert TEST_KEY not in str(body)
 
 
-async def test_public_routes_need_no_credentials(keys_gw: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_public_routes_need_no_credentials(
+    keys_gw: Gateway, http: aiohttp.ClientSession
+) -> None:
     async with http.get(f"{keys_gw.url}/healthz") as resp:
         assert resp.status == 200
 
 
-async def test_an_unknown_route_is_404_not_401(keys_gw: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_an_unknown_route_is_404_not_401(
+    keys_gw: Gateway, http: aiohttp.ClientSession
+) -> None:
     async with http.get(f"{keys_gw.url}/v1/nope") as resp:
         assert resp.status == 404
 
@@ -152,7 +163,10 @@ async def test_a_valid_jwt_is_accepted_and_names_the_client(
     [
         (lambda: good(exp=int(time.time()) - 60), "expired"),
         (lambda: good(nbf=int(time.time()) + 300), "not yet valid"),
-        (lambda: token({"aud": "gateway", "iss": "https://idp.test"}, key=SECRET + "x"), "signature"),
+        (
+            lambda: token({"aud": "gateway", "iss": "https://idp.test"}, key=SECRET + "x"),
+            "signature",
+        ),
         (lambda: good(aud="someone-else"), "audience"),
         (lambda: token({"iss": "https://idp.test"}), "claim"),
         (lambda: good(iss="https://evil.test"), "issuer"),
@@ -160,8 +174,17 @@ async def test_a_valid_jwt_is_accepted_and_names_the_client(
         (lambda: jwt.encode({"sub": "x", "aud": "gateway"}, None, algorithm="none"), "algorithm"),
         (lambda: "eyJhbGciOiJIUzI1NiJ9.garbage.garbage", "malformed"),
     ],
-    ids=["expired", "nbf", "wrong-signature", "wrong-audience", "no-audience", "wrong-issuer",
-         "no-subject", "alg-none", "garbage"],
+    ids=[
+        "expired",
+        "nbf",
+        "wrong-signature",
+        "wrong-audience",
+        "no-audience",
+        "wrong-issuer",
+        "no-subject",
+        "alg-none",
+        "garbage",
+    ],
 )
 async def test_an_invalid_jwt_is_401_saying_why(
     jwt_gw: Gateway, http: aiohttp.ClientSession, tok: Any, why: str
@@ -218,16 +241,21 @@ def _pem(private: Any, path: Path) -> Path:
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256"])
 async def test_asymmetric_jwts_are_checked_against_the_public_key_file(
-    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession,
-    tmp_path: Path, alg: str,
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    alg: str,
 ) -> None:
     private: Any = (
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if alg == "RS256" else ec.generate_private_key(ec.SECP256R1())
+        if alg == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
     )
     other: Any = (
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if alg == "RS256" else ec.generate_private_key(ec.SECP256R1())
+        if alg == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
     )
     pem = _pem(private, tmp_path / "pub.pem")
     gw = await gateway_factory(

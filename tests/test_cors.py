@@ -34,11 +34,18 @@ async def test_cors_preflight_from_an_allowed_origin_is_204_with_what_may_be_sen
         h = r.headers
         assert h["Access-Control-Allow-Origin"] == ALLOWED
         assert {m.strip() for m in h["Access-Control-Allow-Methods"].split(",")} >= {
-            "GET", "POST", "DELETE"
+            "GET",
+            "POST",
+            "DELETE",
         }
         allowed = {x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
-        assert allowed >= {"authorization", "content-type", "last-event-id", "x-request-id",
-                           "x-api-key"}
+        assert allowed >= {
+            "authorization",
+            "content-type",
+            "last-event-id",
+            "x-request-id",
+            "x-api-key",
+        }
         assert h["Access-Control-Max-Age"] == "321"
         assert "Origin" in h["Vary"]
         assert "Access-Control-Allow-Credentials" not in h
@@ -71,8 +78,13 @@ async def test_an_allowed_origin_can_read_the_answer_and_its_exposed_headers(
         await r.read()
         assert r.headers["Access-Control-Allow-Origin"] == ALLOWED
         exposed = {x.strip().lower() for x in r.headers["Access-Control-Expose-Headers"].split(",")}
-        assert exposed >= {"x-request-id", "retry-after", "x-ratelimit-limit-requests",
-                           "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}
+        assert exposed >= {
+            "x-request-id",
+            "retry-after",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        }
         assert "Origin" in r.headers["Vary"]
 
 
@@ -86,7 +98,9 @@ async def test_a_rendered_error_still_carries_cors_headers(
         assert r.headers["Access-Control-Allow-Origin"] == ALLOWED
 
 
-async def test_a_refused_origin_gets_no_cors_headers(gw: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_a_refused_origin_gets_no_cors_headers(
+    gw: Gateway, http: aiohttp.ClientSession
+) -> None:
     headers = {"Origin": REFUSED, "Authorization": f"Bearer {TEST_KEY}"}
     async with http.post(
         f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=headers

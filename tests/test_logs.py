@@ -24,8 +24,11 @@ JWT_SECRET = "plainjwtsecretwithnoshape0123456789"
 def test_fields_named_like_credentials_are_masked_whatever_their_value() -> None:
     r = logs.Redactor()
     out = r(None, "", {"authorization": "abc", "x-api-key": "k", "headers": {"Cookie": "c=1"}})
-    assert out == {"authorization": "[REDACTED]", "x-api-key": "[REDACTED]",
-                   "headers": {"Cookie": "[REDACTED]"}}
+    assert out == {
+        "authorization": "[REDACTED]",
+        "x-api-key": "[REDACTED]",
+        "headers": {"Cookie": "[REDACTED]"},
+    }
 
 
 @pytest.mark.parametrize(
@@ -51,8 +54,13 @@ def test_configured_literal_secrets_are_masked_even_without_a_shape() -> None:
 
 
 def test_ordinary_values_pass_untouched() -> None:
-    event = {"event": "access", "path": "/v1/chat/completions", "model": "gpt-4o-mini",
-             "prompt_tokens": 12, "request_id": "abc-123.x"}
+    event = {
+        "event": "access",
+        "path": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "prompt_tokens": 12,
+        "request_id": "abc-123.x",
+    }
     assert logs.Redactor()(None, "", dict(event)) == event
 
 
@@ -70,7 +78,9 @@ def captured() -> Iterator[io.StringIO]:
 
 
 async def test_no_secret_reaches_any_log_line_during_requests(
-    captured: io.StringIO, gateway_factory: GatewayFactory, upstream: Upstream,
+    captured: io.StringIO,
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
     http: aiohttp.ClientSession,
 ) -> None:
     gw = await gateway_factory(
@@ -79,7 +89,9 @@ async def test_no_secret_reaches_any_log_line_during_requests(
     now = int(time.time())
     good_jwt = jwt.encode({"sub": "tester", "exp": now + 60}, JWT_SECRET, algorithm="HS256")
     expired = jwt.encode({"sub": "tester", "exp": now - 60}, JWT_SECRET, algorithm="HS256")
-    forged = jwt.encode({"sub": "tester"}, "not-the-secret-0123456789abcdefghijkl", algorithm="HS256")
+    forged = jwt.encode(
+        {"sub": "tester"}, "not-the-secret-0123456789abcdefghijkl", algorithm="HS256"
+    )
     wrong_key = "gw-wrong-0123456789abcdefghijklmnopqrstu"
     secrets = [TEST_KEY, UPSTREAM_KEY, JWT_SECRET, good_jwt, expired, forged, wrong_key]
 

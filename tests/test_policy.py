@@ -17,7 +17,9 @@ from tests.conftest import TEST_KEY, GatewayFactory, Upstream, chat_body, make_c
 
 
 def test_the_policy_holds_only_key_hashes_and_precomputed_cors_headers() -> None:
-    cfg = make_config("http://127.0.0.1:1/v1", auth={"mode": "keys"}, cors={"allow_origins": ["http://a"]})
+    cfg = make_config(
+        "http://127.0.0.1:1/v1", auth={"mode": "keys"}, cors={"allow_origins": ["http://a"]}
+    )
     policy = build_policy(cfg)
     assert TEST_KEY not in repr(policy)
     assert hashlib.sha256(TEST_KEY.encode()).hexdigest() in policy.by_hash
@@ -27,8 +29,10 @@ def test_the_policy_holds_only_key_hashes_and_precomputed_cors_headers() -> None
 
 def test_a_key_made_by_keygen_is_accepted_by_its_pasted_block() -> None:
     key = new_key()
-    toml = '[auth]\nmode = "keys"\n' + key_block("alice", key) + (
-        '[[upstreams]]\nname = "u"\nbase_url = "http://127.0.0.1:1/v1"\n'
+    toml = (
+        '[auth]\nmode = "keys"\n'
+        + key_block("alice", key)
+        + ('[[upstreams]]\nname = "u"\nbase_url = "http://127.0.0.1:1/v1"\n')
     )
     policy = build_policy(parse(toml, env={}))
     [(digest, ident)] = policy.by_hash.values()
@@ -44,8 +48,13 @@ async def test_a_reload_swaps_keys_limits_and_cors_without_dropping_a_stream(
     )
     url = f"{gw.url}/v1/chat/completions"
     running = await http.post(
-        url, json=chat_body(),
-        headers={"Authorization": f"Bearer {TEST_KEY}", "x-mock-chunks": "20", "x-mock-delay": "0.02"},
+        url,
+        json=chat_body(),
+        headers={
+            "Authorization": f"Bearer {TEST_KEY}",
+            "x-mock-chunks": "20",
+            "x-mock-delay": "0.02",
+        },
     )
     assert running.status == 200
     await running.content.readline()
@@ -61,11 +70,15 @@ async def test_a_reload_swaps_keys_limits_and_cors_without_dropping_a_stream(
 
     body = await running.read()  # the stream that started before the reload ends normally
     assert body.endswith(b"data: [DONE]\n\n")
-    async with http.post(url, json=chat_body(stream=False),
-                         headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
+    async with http.post(
+        url, json=chat_body(stream=False), headers={"Authorization": f"Bearer {TEST_KEY}"}
+    ) as r:
         assert r.status == 401
-    async with http.post(url, json=chat_body(stream=False),
-                         headers={"Authorization": f"Bearer {fresh}", "Origin": "http://new.example"}) as r:
+    async with http.post(
+        url,
+        json=chat_body(stream=False),
+        headers={"Authorization": f"Bearer {fresh}", "Origin": "http://new.example"},
+    ) as r:
         assert r.status == 200
         assert r.headers["x-ratelimit-limit-requests"] == "42"
         assert r.headers["Access-Control-Allow-Origin"] == "http://new.example"

@@ -25,7 +25,10 @@ from tests.conftest import (
 )
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+CHUNK = (
+    b'data: {"id":"c","object":"chat.completion.chunk",'
+    b'"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+)
 END = (
     b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
     b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\ndata: [DONE]\n\n'
@@ -91,7 +94,9 @@ async def gates(start_upstream: StartUpstream) -> AsyncIterator[tuple[Gates, Ups
     g.open_all()
 
 
-async def open_stream(http: aiohttp.ClientSession, gw: Gateway, gate: str) -> aiohttp.ClientResponse:
+async def open_stream(
+    http: aiohttp.ClientSession, gw: Gateway, gate: str
+) -> aiohttp.ClientResponse:
     resp = await http.post(
         f"{gw.url}/v1/chat/completions", json=chat_body(), headers={**AUTH, "x-gate": gate}
     )
@@ -149,8 +154,11 @@ async def test_rate_limit_headers_are_on_a_stream_response(
     ids=["success", "upstream-error", "upstream-429", "timeout", "handler-error"],
 )
 async def test_the_slot_is_released_on_every_exit(
-    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession,
-    extra: dict[str, str], status: int,
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    extra: dict[str, str],
+    status: int,
 ) -> None:
     gw = await gateway_factory(
         upstream.url,

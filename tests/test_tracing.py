@@ -65,7 +65,8 @@ async def test_every_response_carries_a_request_id(
         http.get(f"{gw.url}/v1/models"),  # 401
         http.options(f"{gw.url}/v1/models", headers=preflight),  # 204
         http.post(
-            f"{gw.url}/v1/chat/completions", json=chat_body(),
+            f"{gw.url}/v1/chat/completions",
+            json=chat_body(),
             headers={"Authorization": f"Bearer {TEST_KEY}"},
         ),  # a stream
     ]
@@ -79,7 +80,9 @@ async def test_a_traceparent_is_continued_with_the_gateways_own_span(
     gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     headers = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
-    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(), headers=headers) as r:
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat_body(), headers=headers
+    ) as r:
         await r.read()
     sent = upstream.state.last_headers["traceparent"]
     version, trace, span, flags = sent.split("-")
@@ -94,7 +97,9 @@ async def test_a_missing_or_invalid_traceparent_starts_a_new_trace(
     gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession, header: str | None
 ) -> None:
     headers = {"traceparent": header} if header else {}
-    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat_body(), headers=headers) as r:
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat_body(), headers=headers
+    ) as r:
         await r.read()
     sent = upstream.state.last_headers["traceparent"]
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", sent)
@@ -154,8 +159,19 @@ async def test_one_access_line_per_stream_written_at_its_end_with_the_contract_f
         async with http.post(f"{gateway.url}/v1/chat/completions", json=chat_body()) as r:
             await r.read()
     [line] = [e for e in seen if e["event"] == "access"]
-    assert {"client", "model", "stream", "status", "outcome", "ttfb_ms", "duration_ms",
-            "prompt_tokens", "completion_tokens", "upstream", "attempts"} <= set(line)
+    assert {
+        "client",
+        "model",
+        "stream",
+        "status",
+        "outcome",
+        "ttfb_ms",
+        "duration_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "upstream",
+        "attempts",
+    } <= set(line)
     assert (line["status"], line["outcome"], line["stream"]) == (200, "completed", True)
     assert line["completion_tokens"] == 5 and 0 <= line["ttfb_ms"] <= line["duration_ms"]
 
