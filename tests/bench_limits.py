@@ -1,6 +1,6 @@
 """Cost of auth and throttling per request, and limiter memory under a flood of IPs.
 
-Run: PYTHONPATH=. python bench/limits.py
+Run: python -m tests.bench_limits
 """
 
 from __future__ import annotations
