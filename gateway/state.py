@@ -13,7 +13,7 @@ from .config import Config
 from .exchange import Exchange
 from .identity import Identity
 
-from .usage import Usage
+from .usage import Usage, UsageTotals
 
 if TYPE_CHECKING:
     from .health import ReadinessChecks
@@ -38,9 +38,18 @@ class Slot(Protocol):
 
 
 class UsageRecorder(Protocol):
-    """Per-client usage totals (memory or Redis)."""
+    """Per-client usage totals (memory or Redis).
+
+    `record` is called once per relayed request when it ends (one request, plus its tokens
+    when `usage` is not None). It is called from a task the accounting hook owns, never from
+    a cancelled handler, so it may await I/O; the app waits for pending records at cleanup.
+    """
 
     async def record(self, client: str, usage: Usage | None, *, streamed: bool) -> None: ...
+
+    async def totals(self, client: str) -> UsageTotals:
+        """The client's totals; all zero for a client never recorded."""
+        ...
 
 
 # Routes whose name starts with this are served without credentials (health, the demo page,
