@@ -26,6 +26,7 @@ class Exchange:
     upstream: str | None = None
     attempts: int = 0
     usage: Usage | None = None
+    reason: str | None = None
 
     @property
     def traceparent(self) -> str:

@@ -5,6 +5,7 @@ No module-level mutable state: a key names a slot, the app or request holds the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import ClientSession, web
@@ -17,6 +18,7 @@ from .usage import Usage, UsageTotals
 
 if TYPE_CHECKING:
     from .health import ReadinessChecks
+    from .metrics import Metrics
     from .upstream import UpstreamPool
 
 CONFIG = web.AppKey("config", Config)
@@ -62,3 +64,9 @@ IDENTITY = web.RequestKey("identity", Identity)
 READINESS: web.AppKey[ReadinessChecks] = web.AppKey("readiness")
 SLOT = web.RequestKey("slot", Slot)
 USAGE = web.AppKey("usage", UsageRecorder)
+
+# Called once per request when it has ended (from the tracing middleware, possibly inside a
+# cancelled handler: a hook must not await), with the exchange and loop.time() at the end.
+Finisher = Callable[[web.Request, Exchange, float], None]
+FINISHED: web.AppKey[list[Finisher]] = web.AppKey("finished")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

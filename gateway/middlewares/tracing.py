@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
-from ..state import EXCHANGE
+from ..state import EXCHANGE, FINISHED
 
 access_log = structlog.get_logger("gateway.access")
+log = structlog.get_logger("gateway.tracing")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # https://www.w3.org/TR/trace-context/#traceparent-header-field-values
@@ -89,6 +90,16 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 
 
 def _log(request: web.Request, ex: Exchange, now: float) -> None:
+    _access(request, ex, now)
+    # The one place an exchange finishes: metrics and usage accounting hook in here.
+    for hook in request.app.get(FINISHED, ()):
+        try:
+            hook(request, ex, now)
+        except Exception:
+            log.exception("finish_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+
+
+def _access(request: web.Request, ex: Exchange, now: float) -> None:
     usage = ex.usage
     access_log.info(
         "access",
