@@ -8,7 +8,7 @@ import time
 import aiohttp
 import structlog
 
-from .conftest import GatewayFactory, StartUpstream, chat_body
+from .conftest import GatewayFactory, StartUpstream, Upstream, chat_body
 from .faulty import Faulty, Step, dead_url
 
 FAST = {"backoff_initial": 0.001, "backoff_max": 0.4}
@@ -274,3 +274,40 @@ async def test_max_connections_holds_per_upstream(
             assert resp.status == 200
             assert (await resp.read()).endswith(b"data: [DONE]\n\n")
     assert faulty.requests == 5 and faulty.max_in_flight == 2
+
+
+async def test_first_byte_timeout_is_retried_on_the_next_upstream(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    slow, fast = Faulty(), Faulty()
+    slow.hold = asyncio.Event()  # never set: no headers ever
+    up1, up2 = await start_upstream(slow.app()), await start_upstream(fast.app())
+    gw = await gateway_factory(
+        up1.url,
+        retry={"attempts": 2, **FAST},
+        upstreams=[
+            {"name": "slow", "first_byte_timeout": 0.2},
+            {"name": "fast", "base_url": up2.url, "priority": 1},
+        ],
+    )
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert (slow.requests, fast.requests) == (1, 1)
+    async with http.get(f"{gw.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'gateway_upstream_attempts_total{outcome="timeout",upstream="slow"} 1.0' in text
+
+
+async def test_no_retry_once_the_first_byte_reached_the_client(
+    upstream: Upstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(upstream.url, retry={"attempts": 3, **FAST})
+    headers = {"x-mock-fail-after": "2"}  # two events, then the upstream aborts
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(), headers=headers
+    ) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert body.count(b"data: ") == 3 and b'"error"' in body.split(b"\n\n")[-2]
+    assert upstream.state.requests["/v1/chat/completions"] == 1
