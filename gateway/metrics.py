@@ -31,7 +31,22 @@ ATTEMPT_OUTCOMES = ("ok", "connect_error", "timeout", "throttled", "server_error
 TOKEN_KINDS = ("prompt", "completion")
 # Time to first byte and whole requests: from a cached answer to a long generation.
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+_DURATION_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+)
 
 
 class Metrics:
@@ -40,41 +55,54 @@ class Metrics:
     def __init__(self, cfg: Config) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "gateway_requests", "Requests answered, by route and status.", ["route", "status"],
+            "gateway_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
             registry=r,
         )
         self.duration = Histogram(
-            "gateway_request_duration_seconds", "Arrival to the end of the response.",
-            buckets=_DURATION_BUCKETS, registry=r,
+            "gateway_request_duration_seconds",
+            "Arrival to the end of the response.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
-            "gateway_ttfb_seconds", "Arrival to the first body byte written.",
-            buckets=_TTFB_BUCKETS, registry=r,
+            "gateway_ttfb_seconds",
+            "Arrival to the first body byte written.",
+            buckets=_TTFB_BUCKETS,
+            registry=r,
         )
         self.active_streams = Gauge(
             "gateway_active_streams", "SSE streams being relayed now.", registry=r
         )
         self.upstream_attempts = Counter(
-            "gateway_upstream_attempts", "Tries at an upstream, by upstream and outcome.",
-            ["upstream", "outcome"], registry=r,
+            "gateway_upstream_attempts",
+            "Tries at an upstream, by upstream and outcome.",
+            ["upstream", "outcome"],
+            registry=r,
         )
-        self.retries = Counter(
-            "gateway_retries", "Tries after a request's first one.", registry=r
-        )
+        self.retries = Counter("gateway_retries", "Tries after a request's first one.", registry=r)
         self.breaker_state = Gauge(
-            "gateway_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-            ["upstream"], registry=r,
+            "gateway_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
         )
         self.tokens = Counter(
-            "gateway_tokens", "Tokens used, by client and kind (prompt, completion).",
-            ["client", "kind"], registry=r,
+            "gateway_tokens",
+            "Tokens used, by client and kind (prompt, completion).",
+            ["client", "kind"],
+            registry=r,
         )
         self.throttled = Counter(
-            "gateway_throttled", "Requests refused with 429 by the gateway, by reason.",
-            ["reason"], registry=r,
+            "gateway_throttled",
+            "Requests refused with 429 by the gateway, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.client_disconnects = Counter(
-            "gateway_client_disconnects", "Requests whose client left before the end.",
+            "gateway_client_disconnects",
+            "Requests whose client left before the end.",
             registry=r,
         )
         self.allow = cfg.metrics.allow
@@ -124,7 +152,9 @@ class Metrics:
             self._tokens[client, "completion"].inc(usage.completion_tokens)
 
 
-def _peer_allowed(request: web.Request, allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+def _peer_allowed(
+    request: web.Request, allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
     # The TCP peer itself, never X-Forwarded-For: a scrape is not a proxied client request.
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if not peer:

@@ -13,7 +13,6 @@ from aiohttp import ClientSession, web
 from .config import Config
 from .exchange import Exchange
 from .identity import Identity
-
 from .usage import Usage, UsageTotals
 
 if TYPE_CHECKING:

@@ -54,7 +54,9 @@ class Faulty:
             step = self.script.pop(0) if self.script else Step()
             if step.status != 200:
                 headers = {"Retry-After": step.retry_after} if step.retry_after else {}
-                err = {"error": {"message": f"scripted {step.status}", "type": "x", "code": "scripted"}}
+                err = {
+                    "error": {"message": f"scripted {step.status}", "type": "x", "code": "scripted"}
+                }
                 return web.json_response(err, status=step.status, headers=headers)
             if body.get("stream"):
                 return await _stream(request)
@@ -62,7 +64,13 @@ class Faulty:
                 {
                     "id": "c1",
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c"}, "finish_reason": "stop"}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "a b c"},
+                            "finish_reason": "stop",
+                        }
+                    ],
                     "usage": USAGE,
                 }
             )

@@ -42,7 +42,11 @@ async def test_usage_totals_match_streamed_and_plain_traffic(
     expected = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     url = f"{gateway.url}/v1/chat/completions"
     for stream in (True, True, False):
-        body = chat_body(stream=stream, stream_options={"include_usage": True}) if stream else chat_body(stream=False)
+        body = (
+            chat_body(stream=stream, stream_options={"include_usage": True})
+            if stream
+            else chat_body(stream=False)
+        )
         async with http.post(url, json=body) as resp:
             assert resp.status == 200
             raw = await resp.read()

@@ -63,8 +63,14 @@ async def test_metrics_counts_match_the_traffic_sent(
     assert value(m, "gateway_retries_total") == 1
     assert value(m, "gateway_active_streams") == 0
     assert value(m, "gateway_breaker_state", upstream="mock") == 0
-    assert value(m, "gateway_tokens_total", client="anonymous", kind="prompt") == 5 * USAGE["prompt_tokens"]
-    assert value(m, "gateway_tokens_total", client="anonymous", kind="completion") == 5 * USAGE["completion_tokens"]
+    assert (
+        value(m, "gateway_tokens_total", client="anonymous", kind="prompt")
+        == 5 * USAGE["prompt_tokens"]
+    )
+    assert (
+        value(m, "gateway_tokens_total", client="anonymous", kind="completion")
+        == 5 * USAGE["completion_tokens"]
+    )
     assert value(m, "gateway_client_disconnects_total") == 0
 
 

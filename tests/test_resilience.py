@@ -102,7 +102,10 @@ async def test_weight_spreads_requests_among_equal_priorities(
     up1, up2 = await start_upstream(heavy.app()), await start_upstream(light.app())
     gw = await gateway_factory(
         up1.url,
-        upstreams=[{"name": "heavy", "weight": 9}, {"name": "light", "base_url": up2.url, "weight": 1}],
+        upstreams=[
+            {"name": "heavy", "weight": 9},
+            {"name": "light", "base_url": up2.url, "weight": 1},
+        ],
     )
     for _ in range(60):
         async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(stream=False)) as resp:
@@ -146,7 +149,9 @@ async def test_open_breaker_answers_503_at_once_and_the_upstream_sees_nothing(
             async with http.post(url, json=chat_body(stream=False)) as resp:
                 assert resp.status == 500  # relayed as sent
     assert faulty.requests == 3
-    assert [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state"] == [("closed", "open")]
+    assert [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state"] == [
+        ("closed", "open")
+    ]
     elapsed = []
     for _ in range(5):
         started = time.perf_counter()
@@ -241,7 +246,10 @@ async def test_breaker_skips_an_open_upstream_and_uses_the_next(
         up1.url,
         retry={"attempts": 2, **FAST},
         breaker={"failure_threshold": 1, "cooldown": 60.0},
-        upstreams=[{"name": "bad", "priority": 0}, {"name": "good", "base_url": up2.url, "priority": 1}],
+        upstreams=[
+            {"name": "bad", "priority": 0},
+            {"name": "good", "base_url": up2.url, "priority": 1},
+        ],
     )
     for _ in range(3):
         async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(stream=False)) as resp:
@@ -259,7 +267,10 @@ async def test_max_connections_holds_per_upstream(
     # max_connections, 3) cannot be what holds "a" to its own 2.
     gw = await gateway_factory(
         up.url,
-        upstreams=[{"name": "a", "max_connections": 2}, {"name": "b", "max_connections": 3, "priority": 1}],
+        upstreams=[
+            {"name": "a", "max_connections": 2},
+            {"name": "b", "max_connections": 3, "priority": 1},
+        ],
     )
     url = f"{gw.url}/v1/chat/completions"
     calls = [asyncio.ensure_future(http.post(url, json=chat_body())) for _ in range(5)]

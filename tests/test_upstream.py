@@ -46,7 +46,9 @@ async def open_(p: UpstreamPool, ex: Exchange) -> aiohttp.ClientResponse:
     return resp
 
 
-async def test_connect_errors_are_retried_then_raised_as_502(session: aiohttp.ClientSession) -> None:
+async def test_connect_errors_are_retried_then_raised_as_502(
+    session: aiohttp.ClientSession,
+) -> None:
     p = pool(session, breaker={"failure_threshold": 10})
     ex = exchange()
     with aioresponses() as m:
@@ -93,7 +95,9 @@ async def test_a_5xx_then_200_returns_the_200(
 async def test_a_4xx_is_returned_at_once_and_is_no_breaker_failure(
     session: aiohttp.ClientSession, start_upstream: StartUpstream
 ) -> None:
-    p = await real_pool(session, start_upstream, Faulty([Step(404)]), breaker={"failure_threshold": 1})
+    p = await real_pool(
+        session, start_upstream, Faulty([Step(404)]), breaker={"failure_threshold": 1}
+    )
     ex = exchange()
     resp = await open_(p, ex)
     resp.release()
@@ -106,7 +110,10 @@ async def test_threshold_failures_open_the_breaker_and_then_nothing_is_sent(
 ) -> None:
     faulty = Faulty([Step(503)] * 2)
     p = await real_pool(
-        session, start_upstream, faulty, retry={"attempts": 1},
+        session,
+        start_upstream,
+        faulty,
+        retry={"attempts": 1},
         breaker={"failure_threshold": 2, "cooldown": 60.0},
     )
     for _ in range(2):
