@@ -26,7 +26,7 @@ class Exchange:
     upstream: str | None = None
     attempts: int = 0
     usage: Usage | None = None
-    reason: str | None = None
+    reason: str | None = None  # why it was throttled: "ip_rpm", "rpm", "tpm", "concurrency"
 
     @property
     def traceparent(self) -> str:

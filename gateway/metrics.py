@@ -122,10 +122,16 @@ class Metrics:
             gauge.set(0)
 
     def attempt(self, upstream: str, outcome: str) -> None:
-        self._attempts[upstream, outcome].inc()
+        child = self._attempts.get((upstream, outcome))
+        if child is None:  # an upstream added by a reload, not bound at start
+            child = self.upstream_attempts.labels(upstream, outcome)
+        child.inc()
 
     def breaker(self, upstream: str, state: int) -> None:
-        self._breakers[upstream].set(state)
+        child = self._breakers.get(upstream)
+        if child is None:
+            child = self.breaker_state.labels(upstream)
+        child.set(state)
 
     def client_label(self, client: str) -> str:
         return client if client in self._clients else "jwt"

@@ -61,13 +61,13 @@ def make_tracing_middleware() -> Middleware:
             if ex.outcome == "completed":
                 ex.outcome = "client_disconnected"
             ex.status = ex.status or 499
-            _log(request, ex, loop.time())
+            _finish(request, ex, loop.time())
             raise
         except BaseException:
             ex.status = ex.status or 500
             if ex.outcome == "completed":
                 ex.outcome = "upstream_error"
-            _log(request, ex, loop.time())
+            _finish(request, ex, loop.time())
             raise
         ex.status = response.status
         if ex.ttfb is None:
@@ -76,7 +76,7 @@ def make_tracing_middleware() -> Middleware:
             ex.outcome = "rejected" if response.status < 500 else (
                 "timeout" if response.status == 504 else "upstream_error"
             )
-        _log(request, ex, loop.time())
+        _finish(request, ex, loop.time())
         return response
 
     return tracing
@@ -89,9 +89,10 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
         response.headers["X-Request-ID"] = ex.request_id
 
 
-def _log(request: web.Request, ex: Exchange, now: float) -> None:
-    _access(request, ex, now)
-    # The one place an exchange finishes: metrics and usage accounting hook in here.
+def _finish(request: web.Request, ex: Exchange, now: float) -> None:
+    """The one place an exchange finishes: the access line, then the app's finish hooks
+    (metrics, usage accounting). It may run in a cancelled handler: nothing here awaits."""
+    _log(request, ex, now)
     for hook in request.app.get(FINISHED, ()):
         try:
             hook(request, ex, now)
@@ -99,7 +100,7 @@ def _log(request: web.Request, ex: Exchange, now: float) -> None:
             log.exception("finish_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
 
-def _access(request: web.Request, ex: Exchange, now: float) -> None:
+def _log(request: web.Request, ex: Exchange, now: float) -> None:
     usage = ex.usage
     access_log.info(
         "access",
