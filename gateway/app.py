@@ -8,9 +8,11 @@ import aiohttp
 from aiohttp import web
 
 from . import health, relay
+from .accounting import Accounting, MemoryUsage, usage_handler
 from .config import Config
 from .health import ReadinessChecks
 from .limits import MemoryLimiter
+from .metrics import Metrics, metrics_handler
 from .middlewares import headers
 from .middlewares.auth import make_auth_middleware
 from .middlewares.cors import make_cors_middleware
@@ -19,7 +21,19 @@ from .middlewares.ipthrottle import make_ip_throttle_middleware
 from .middlewares.throttle import make_client_throttle_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
 from .policy import PolicyHolder
-from .state import CONFIG, HTTP, LIMITER, POLICY, PUBLIC, READINESS, UPSTREAMS
+from .state import (
+    CONFIG,
+    FINISHED,
+    HTTP,
+    LIMITER,
+    METRICS,
+    POLICY,
+    PUBLIC,
+    READINESS,
+    UPSTREAMS,
+    USAGE,
+    Finisher,
+)
 from .upstream import UpstreamPool
 
 
@@ -41,7 +55,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent",),
     )
     app[HTTP] = session
-    app[UPSTREAMS] = UpstreamPool(cfg, session)
+    app[UPSTREAMS] = UpstreamPool(cfg, session, app[METRICS])
     yield
     await session.close()
 
@@ -73,6 +87,12 @@ def create_app(cfg: Config) -> web.Application:
     app[POLICY] = policy
     app[LIMITER] = MemoryLimiter()
     app[READINESS] = ReadinessChecks()
+    app[METRICS] = metrics = Metrics(cfg)
+    app[USAGE] = MemoryUsage()
+    accounting = Accounting()
+    # Called when each request has ended (see the tracing middleware).
+    finishers: list[Finisher] = [metrics.finished, accounting.finished]
+    app[FINISHED] = finishers
     app.cleanup_ctx.append(_http_session)
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(headers.on_prepare)
@@ -83,4 +103,9 @@ def create_app(cfg: Config) -> web.Application:
         app.router.add_post(path, relay.relay_post)
     app.router.add_get("/v1/models", relay.relay_get)
     app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
+    app.router.add_get("/v1/usage", usage_handler)
+    # Public to auth: guarded by the [metrics].allow peer list instead.
+    app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{PUBLIC}metrics")
+    # Last in, first out at cleanup: pending usage records finish before the stores close.
+    app.cleanup_ctx.append(accounting.drain)
     return app

@@ -26,6 +26,7 @@ class Exchange:
     upstream: str | None = None
     attempts: int = 0
     usage: Usage | None = None
+    delivered: bool = False  # the client had the whole answer even if it left before our end
     reason: str | None = None  # why it was throttled: "ip_rpm", "rpm", "tpm", "concurrency"
 
     @property

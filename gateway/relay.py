@@ -17,7 +17,7 @@ from . import validation
 from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
 from .exchange import Exchange, Outcome
 from .sse import EventSplitter, SSEError
-from .state import CONFIG, EXCHANGE, IDENTITY, UPSTREAMS
+from .state import CONFIG, EXCHANGE, IDENTITY, METRICS, UPSTREAMS
 from .upstream import forward_headers, relay_headers
 from .usage import Usage, UsageTap, ensure_usage_requested
 
@@ -162,6 +162,9 @@ async def _relay_stream(
     loop = asyncio.get_running_loop()
     read = resp.content.readany
     failure: tuple[Outcome, bytes] | None = None
+    events = 0  # `data:` lines relayed: the usage of a stream its client cut short
+    active = request.app[METRICS].active_streams
+    active.inc()
     try:
         while True:
             try:
@@ -180,6 +183,7 @@ async def _relay_stream(
                 break
             if block:
                 block = tap.process(block)
+                events += block.count(b"data:")
                 heartbeat.last = loop.time()
                 await out.write(block)
                 if ex.ttfb is None:
@@ -198,10 +202,18 @@ async def _relay_stream(
         heartbeat.stop()
         await out.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
-        # The client went away (write failed, or aiohttp cancelled the handler).
-        ex.outcome = "client_disconnected"
+        # The client went away (write failed, or aiohttp cancelled the handler). One that
+        # leaves right after `data: [DONE]` (as the openai SDK does) got the whole stream.
+        ex.delivered = tap.done
+        if not tap.done:
+            ex.outcome = "client_disconnected"
         raise
     finally:
         heartbeat.stop()
+        active.dec()
         ex.usage = tap.usage
+        if ex.usage is None and ex.outcome == "client_disconnected" and events:
+            # Cut before the upstream's usage chunk: charge the deltas relayed until then,
+            # about one token each (the prompt's size is unknown here).
+            ex.usage = Usage(completion_tokens=events, total_tokens=events)
     return out

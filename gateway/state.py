@@ -5,6 +5,7 @@ No module-level mutable state: a key names a slot, the app or request holds the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import ClientSession, web
@@ -12,11 +13,12 @@ from aiohttp import ClientSession, web
 from .config import Config
 from .exchange import Exchange
 from .identity import Identity
-from .usage import Usage
+from .usage import Usage, UsageTotals
 
 if TYPE_CHECKING:
     from .health import ReadinessChecks
     from .limits import LimiterBackend
+    from .metrics import Metrics
     from .policy import PolicyHolder
     from .upstream import UpstreamPool
 
@@ -39,9 +41,18 @@ class Slot(Protocol):
 
 
 class UsageRecorder(Protocol):
-    """Per-client usage totals (memory or Redis)."""
+    """Per-client usage totals (memory or Redis).
+
+    `record` is called once per relayed request when it ends (one request, plus its tokens
+    when `usage` is not None). It is called from a task the accounting hook owns, never from
+    a cancelled handler, so it may await I/O; the app waits for pending records at cleanup.
+    """
 
     async def record(self, client: str, usage: Usage | None, *, streamed: bool) -> None: ...
+
+    async def totals(self, client: str) -> UsageTotals:
+        """The client's totals; all zero for a client never recorded."""
+        ...
 
 
 # Routes whose name starts with this are served without credentials (health, the demo page,
@@ -63,3 +74,9 @@ POLICY: web.AppKey[PolicyHolder] = web.AppKey("policy")
 # The limiter backend (memory, or Redis when limits.backend = "redis").
 LIMITER: web.AppKey[LimiterBackend] = web.AppKey("limiter")
 USAGE = web.AppKey("usage", UsageRecorder)
+
+# Called once per request when it has ended (from the tracing middleware, possibly inside a
+# cancelled handler: a hook must not await), with the exchange and loop.time() at the end.
+Finisher = Callable[[web.Request, Exchange, float], None]
+FINISHED: web.AppKey[list[Finisher]] = web.AppKey("finished")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

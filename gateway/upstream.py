@@ -9,18 +9,29 @@ after it is (the caller starts writing to the client once it holds the response)
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 import aiohttp
+import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .config import Config, UpstreamConfig
-from .errors import GatewayError, NotFound, UpstreamError, UpstreamTimeout
+from .breaker import Breaker, Transition
+from .config import BreakerConfig, Config, UpstreamConfig
+from .errors import GatewayError, NotFound, Unavailable, UpstreamError, UpstreamTimeout
 from .exchange import Exchange
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = structlog.get_logger("gateway.upstream")
 
 # Upstream answers worth another try (elsewhere or later); 429 does not open a breaker.
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -59,11 +70,16 @@ class Upstream:
     base: URL
     auth: str | None
     timeout: aiohttp.ClientTimeout
+    breaker: Breaker
+    slots: asyncio.Semaphore  # max_connections responses in flight at once
 
     @classmethod
-    def from_config(cls, cfg: UpstreamConfig) -> Upstream:
+    def from_config(cls, cfg: UpstreamConfig, breaker: BreakerConfig | None = None) -> Upstream:
+        breaker = breaker or BreakerConfig()
         return cls(
             cfg=cfg,
+            breaker=Breaker(breaker.failure_threshold, breaker.cooldown),
+            slots=asyncio.Semaphore(cfg.max_connections),
             base=cfg.base_url,
             auth=f"Bearer {cfg.api_key}" if cfg.api_key else None,
             # No 300 s default total: streams may be long. sock_read is the idle limit between
@@ -84,18 +100,33 @@ class Upstream:
 
 
 class UpstreamPool:
-    """Chooses upstreams for a model and opens responses from them, with retries."""
+    """Chooses upstreams for a model and opens responses from them, with retries.
 
-    def __init__(self, cfg: Config, session: aiohttp.ClientSession) -> None:
+    Per-upstream connection limit: the app has one ClientSession whose connector pools
+    connections by host, so two upstreams on one host would share a `limit_per_host`. Each
+    upstream therefore holds an `asyncio.Semaphore(max_connections)` for the life of every
+    response it serves: taken before the request is sent, given back when the response's
+    connection is released or closed (the relay always does one of the two).
+    """
+
+    def __init__(
+        self, cfg: Config, session: aiohttp.ClientSession, metrics: Metrics | None = None
+    ) -> None:
         self.session = session
-        self.upstreams = [Upstream.from_config(u) for u in cfg.upstreams]
         self.retry = cfg.retry
+        self.metrics = metrics
+        self.upstreams = [Upstream.from_config(u, cfg.breaker) for u in cfg.upstreams]
+        if metrics is not None:
+            metrics.bind_upstreams([u.name for u in self.upstreams])
 
     def candidates(self, model: str | None) -> list[Upstream]:
         """Upstreams serving `model`: by priority, then a weighted shuffle among equals."""
         found = [u for u in self.upstreams if u.serves(model)]
         # Weighted random order (Efraimidis-Spirakis): key = U^(1/w), larger first.
-        keyed = [(u.cfg.priority, -(random.random() ** (1.0 / u.cfg.weight)), i, u) for i, u in enumerate(found)]
+        keyed = [
+            (u.cfg.priority, -(random.random() ** (1.0 / u.cfg.weight)), i, u)
+            for i, u in enumerate(found)
+        ]
         keyed.sort()
         return [k[3] for k in keyed]
 
@@ -108,38 +139,162 @@ class UpstreamPool:
         body: bytes | None,
         headers: CIMultiDict[str],
     ) -> tuple[Upstream, aiohttp.ClientResponse]:
-        """Send the request and return the first response worth relaying."""
+        """Send the request and return the first response worth relaying.
+
+        Tries up to `retry.attempts` times in all, walking the candidates in order and
+        skipping upstreams whose breaker is open. Nothing has been written to the client when
+        this returns or raises, so every try here is safe to repeat.
+        """
         order = self.candidates(ex.model)
         if not order:
             raise NotFound(f"The model `{ex.model}` does not exist", code="model_not_found")
+        loop = asyncio.get_running_loop()
+        if not any(u.breaker.would_allow(loop.time()) for u in order):
+            raise self._unavailable(order, loop.time())
         headers["traceparent"] = ex.traceparent
         headers["X-Request-ID"] = ex.request_id
         if body is not None:
             headers["Content-Type"] = "application/json"
-        last: GatewayError | None = None
+        last_exc: GatewayError | None = None
+        last: tuple[Upstream, aiohttp.ClientResponse] | None = None  # a retryable answer
+        prev: Upstream | None = None
+        picked: Upstream | None = None  # chosen, breaker slot taken, not yet attempted
+        cursor = 0
         attempts = self.retry.attempts
-        for attempt in range(attempts):
-            up = order[attempt % len(order)]
-            ex.attempts = attempt + 1
-            ex.upstream = up.name
-            final = attempt == attempts - 1
-            try:
-                resp = await self._send(up, method, path, body, headers)
-            except GatewayError as exc:
-                last = exc
-            else:
+        try:
+            for attempt in range(attempts):
+                choice = self._pick(order, cursor, loop.time())
+                if choice is None:
+                    break  # every breaker is open now: relay the last answer or error
+                picked, cursor = choice
+                if attempt:
+                    if self.metrics is not None:
+                        self.metrics.retries.inc()
+                    # Failing over to another upstream goes at once; the same one waits.
+                    if picked is prev:
+                        await self._sleep_before_retry(picked, attempt, last)
+                if last is not None:
+                    _discard(last[1])
+                    last = None
+                up, picked, prev = picked, None, picked
+                ex.attempts = attempt + 1
+                ex.upstream = up.name
+                final = attempt == attempts - 1
+                try:
+                    resp = await self._attempt(up, method, path, body, headers, loop)
+                except GatewayError as exc:
+                    last_exc = exc
+                    continue
                 if resp.status not in RETRYABLE_STATUS or final:
                     return up, resp
-                resp.release()
-                last = UpstreamError(f"upstream answered {resp.status}")
-            if not final:
-                await asyncio.sleep(self._backoff(attempt))
-        assert last is not None
-        raise last
+                last = (up, resp)
+        except BaseException:
+            # Cancelled (the client left) between tries: give back what this request held.
+            if picked is not None:
+                picked.breaker.abandon()
+            if last is not None:
+                _discard(last[1])
+            raise
+        if last is not None:
+            return last  # retries exhausted on upstream answers: relay the last one as sent
+        if last_exc is None:  # pragma: no cover - open() found an allowed upstream first
+            raise self._unavailable(order, loop.time())
+        raise last_exc
 
-    def _backoff(self, attempt: int) -> float:
-        # Exponential backoff with full jitter.
-        cap = min(self.retry.backoff_max, self.retry.backoff_initial * (2**attempt))
+    def _pick(
+        self, order: list[Upstream], cursor: int, now: float
+    ) -> tuple[Upstream, int] | None:
+        """The next candidate from `cursor` on (wrapping) whose breaker lets a request in."""
+        n = len(order)
+        for step in range(n):
+            i = (cursor + step) % n
+            up = order[i]
+            allowed, change = up.breaker.allow(now)
+            if change is not None:
+                self._changed(up, change)
+            if allowed:
+                return up, (i + 1) % n
+        return None
+
+    async def _attempt(
+        self,
+        up: Upstream,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: CIMultiDict[str],
+        loop: asyncio.AbstractEventLoop,
+    ) -> aiohttp.ClientResponse:
+        """One try at one upstream, with its verdict given to the breaker and the metrics."""
+        try:
+            resp = await self._send(up, method, path, body, headers)
+        except UpstreamTimeout:
+            self._verdict(up, "timeout", loop.time())
+            raise
+        except GatewayError:
+            self._verdict(up, "connect_error", loop.time())
+            raise
+        except BaseException:
+            up.breaker.abandon()  # cancelled (the client left): no verdict on the upstream
+            raise
+        if resp.status == 429:
+            self._verdict(up, "throttled", loop.time())
+        elif resp.status >= 500:
+            self._verdict(up, "server_error", loop.time())
+        else:
+            self._verdict(up, "ok", loop.time())
+        return resp
+
+    def _verdict(self, up: Upstream, outcome: str, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.attempt(up.name, outcome)
+        if outcome == "ok":
+            change = up.breaker.success()
+        elif outcome == "throttled":
+            up.breaker.abandon()  # 429: busy, not broken; retried but never opens a breaker
+            change = None
+        else:
+            change = up.breaker.failure(now)
+        if change is not None:
+            self._changed(up, change)
+
+    def _changed(self, up: Upstream, change: Transition) -> None:
+        old, new = change
+        log.warning(
+            "breaker_state",
+            upstream=up.name,
+            old=old.name.lower(),
+            new=new.name.lower(),
+            cooldown=up.breaker.cooldown,
+        )
+        if self.metrics is not None:
+            self.metrics.breaker(up.name, int(new))
+
+    def _unavailable(self, order: list[Upstream], now: float) -> Unavailable:
+        wait = min(u.breaker.opened_at + u.breaker.cooldown - now for u in order)
+        return Unavailable(
+            "No upstream is available for this model right now (circuit open)",
+            code="upstream_unavailable",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+    async def _sleep_before_retry(
+        self, up: Upstream, attempt: int, last: tuple[Upstream, aiohttp.ClientResponse] | None
+    ) -> None:
+        delay = self._backoff(attempt - 1)
+        if last is not None and last[0] is up:
+            hinted = retry_after_seconds(last[1].headers.get("Retry-After"))
+            if hinted is not None:
+                delay = min(self.retry.backoff_max, hinted)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _backoff(self, retry: int) -> float:
+        """Exponential backoff with full jitter: uniform(0, min(max, initial * 2**retry)).
+
+        https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/
+        """
+        cap = min(self.retry.backoff_max, self.retry.backoff_initial * (2**retry))
         return random.uniform(0, cap)
 
     async def _send(
@@ -156,14 +311,49 @@ class UpstreamPool:
             headers.popall("Authorization", None)
         url = up.base.with_path(up.base.path + path, encoded=True)
         try:
+            # first_byte_timeout bounds the wait for a connection slot too.
             async with asyncio.timeout(up.cfg.first_byte_timeout):
-                return await self.session.request(
-                    method, url, data=body, headers=headers, timeout=up.timeout
-                )
+                await up.slots.acquire()
+                try:
+                    resp = await self.session.request(
+                        method, url, data=body, headers=headers, timeout=up.timeout
+                    )
+                except BaseException:
+                    up.slots.release()
+                    raise
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {up.name} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
+        conn = resp.connection
+        if conn is None:  # the whole body was read already and the connection went back
+            up.slots.release()
+        else:
+            conn.add_callback(up.slots.release)
+        return resp
+
+
+def _discard(resp: aiohttp.ClientResponse) -> None:
+    if not resp.content.at_eof():
+        resp.close()
+    resp.release()
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An upstream's Retry-After (delta-seconds or HTTP-date, RFC 9110 10.2.3) in seconds."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def relay_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:

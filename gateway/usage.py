@@ -24,7 +24,7 @@ from typing import Any
 
 from .sse import encode_event, iter_events, parse_event
 
-__all__ = ["Usage", "UsageTap", "ensure_usage_requested"]
+__all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested"]
 
 
 def _json_loads(s: str | bytes) -> Any:
@@ -81,6 +81,16 @@ class Usage:
             return None
         prompt, completion = prompt or 0, completion or 0
         return cls(prompt, completion, prompt + completion if total is None else total)
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """One client's running totals, as `GET /v1/usage` returns them (with the client name)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
 
 
 def _count(obj: dict[Any, Any], *names: str) -> int | None:

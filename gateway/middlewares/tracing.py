@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
-from ..state import CLIENT_IP, EXCHANGE
+from ..state import CLIENT_IP, EXCHANGE, FINISHED
 
 access_log = structlog.get_logger("gateway.access")
+log = structlog.get_logger("gateway.tracing")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # https://www.w3.org/TR/trace-context/#traceparent-header-field-values
@@ -57,16 +58,16 @@ def make_tracing_middleware() -> Middleware:
             response = await handler(request)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client went away: cancelled by aiohttp, or a write found the socket closed.
-            if ex.outcome == "completed":
+            if ex.outcome == "completed" and not ex.delivered:
                 ex.outcome = "client_disconnected"
             ex.status = ex.status or 499
-            _log(request, ex, loop.time())
+            _finish(request, ex, loop.time())
             raise
         except BaseException:
             ex.status = ex.status or 500
             if ex.outcome == "completed":
                 ex.outcome = "upstream_error"
-            _log(request, ex, loop.time())
+            _finish(request, ex, loop.time())
             raise
         ex.status = response.status
         if ex.ttfb is None:
@@ -75,7 +76,7 @@ def make_tracing_middleware() -> Middleware:
             ex.outcome = "rejected" if response.status < 500 else (
                 "timeout" if response.status == 504 else "upstream_error"
             )
-        _log(request, ex, loop.time())
+        _finish(request, ex, loop.time())
         return response
 
     return tracing
@@ -86,6 +87,17 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id
+
+
+def _finish(request: web.Request, ex: Exchange, now: float) -> None:
+    """The one place an exchange finishes: the access line, then the app's finish hooks
+    (metrics, usage accounting). It may run in a cancelled handler: nothing here awaits."""
+    _log(request, ex, now)
+    for hook in request.app.get(FINISHED, ()):
+        try:
+            hook(request, ex, now)
+        except Exception:
+            log.exception("finish_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
 
 def _log(request: web.Request, ex: Exchange, now: float) -> None:

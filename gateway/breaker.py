@@ -1,0 +1,93 @@
+"""A circuit breaker per upstream, sans-IO: verdicts and `now` in, decisions out.
+
+    closed --(failure_threshold consecutive failures)--> open
+    open --(cooldown elapsed, next request)--> half_open (exactly one probe let through)
+    half_open --(probe succeeds)--> closed
+    half_open --(probe fails)--> open (a new cooldown)
+
+Nothing here does I/O or reads a clock: the caller passes `now` (loop.time()) and logs or
+counts the transitions the methods return. What counts as a failure (connect errors,
+timeouts, 5xx) is the caller's decision; a verdict that is neither (an upstream 429, an
+attempt cancelled by its client) is reported with `abandon()` so a half-open probe slot
+is never lost.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Breaker", "State", "Transition"]
+
+
+class State(enum.IntEnum):
+    """The gauge value of each state (`gateway_breaker_state`)."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+Transition = tuple[State, State]  # (old, new)
+
+
+class Breaker:
+    """One upstream's breaker."""
+
+    __slots__ = ("cooldown", "failures", "opened_at", "probing", "state", "threshold")
+
+    def __init__(self, failure_threshold: int, cooldown: float) -> None:
+        self.threshold = failure_threshold
+        self.cooldown = cooldown
+        self.state = State.CLOSED
+        self.failures = 0  # consecutive, while closed
+        self.opened_at = 0.0
+        self.probing = False  # a half-open probe is in flight
+
+    def allow(self, now: float) -> tuple[bool, Transition | None]:
+        """May a request go to this upstream now? Taking the half-open probe is a transition."""
+        if self.state is State.CLOSED:
+            return True, None
+        if self.state is State.OPEN:
+            if now - self.opened_at < self.cooldown:
+                return False, None
+            self.state = State.HALF_OPEN
+            self.probing = True
+            return True, (State.OPEN, State.HALF_OPEN)
+        # Half-open: the one probe is out, or came back without a verdict (abandoned).
+        if self.probing:
+            return False, None
+        self.probing = True
+        return True, None
+
+    def would_allow(self, now: float) -> bool:
+        """`allow` without taking anything (for "is any upstream available at all?")."""
+        if self.state is State.CLOSED:
+            return True
+        if self.state is State.OPEN:
+            return now - self.opened_at >= self.cooldown
+        return not self.probing
+
+    def success(self) -> Transition | None:
+        self.failures = 0
+        self.probing = False
+        if self.state is State.CLOSED:
+            return None
+        old, self.state = self.state, State.CLOSED
+        return old, State.CLOSED
+
+    def failure(self, now: float) -> Transition | None:
+        self.probing = False
+        if self.state is State.CLOSED:
+            self.failures += 1
+            if self.failures < self.threshold:
+                return None
+        elif self.state is State.OPEN:
+            return None  # a request let through before it opened: the clock already runs
+        old, self.state = self.state, State.OPEN
+        self.opened_at = now
+        self.failures = 0
+        return old, State.OPEN
+
+    def abandon(self) -> None:
+        """The attempt ended with no verdict on the upstream's health: free the probe slot."""
+        self.probing = False

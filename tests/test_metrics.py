@@ -1,0 +1,167 @@
+"""/metrics: Prometheus text whose counts match the traffic sent, for allowed peers only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from gateway.exchange import Exchange
+from gateway.metrics import Metrics
+from gateway.state import METRICS
+
+from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body, make_config
+from .faulty import USAGE, Faulty, Step
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, gw: Gateway) -> Samples:
+    async with http.get(f"{gw.url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_counts_match_the_traffic_sent(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    faulty = Faulty([Step(503, "0")])
+    up = await start_upstream(faulty.app())
+    gw = await gateway_factory(up.url, retry={"attempts": 2, "backoff_initial": 0.001})
+    url = f"{gw.url}/v1/chat/completions"
+    for stream in (True, True, True, False, False):
+        async with http.post(url, json=chat_body(stream=stream)) as resp:
+            assert resp.status == 200
+            await resp.read()
+    async with http.get(f"{gw.url}/nowhere") as resp:
+        assert resp.status == 404
+    async with http.post(url, data=b"[]", headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+    m = await scrape(http, gw)
+    route = "/v1/chat/completions"
+    assert value(m, "gateway_requests_total", route=route, status="200") == 5
+    assert value(m, "gateway_requests_total", route=route, status="400") == 1
+    assert value(m, "gateway_requests_total", route="unmatched", status="404") == 1
+    assert value(m, "gateway_request_duration_seconds_count") == 7
+    assert value(m, "gateway_ttfb_seconds_count") == 7
+    assert value(m, "gateway_upstream_attempts_total", upstream="mock", outcome="ok") == 5
+    assert value(m, "gateway_upstream_attempts_total", upstream="mock", outcome="server_error") == 1
+    assert value(m, "gateway_retries_total") == 1
+    assert value(m, "gateway_active_streams") == 0
+    assert value(m, "gateway_breaker_state", upstream="mock") == 0
+    assert (
+        value(m, "gateway_tokens_total", client="anonymous", kind="prompt")
+        == 5 * USAGE["prompt_tokens"]
+    )
+    assert (
+        value(m, "gateway_tokens_total", client="anonymous", kind="completion")
+        == 5 * USAGE["completion_tokens"]
+    )
+    assert value(m, "gateway_client_disconnects_total") == 0
+
+
+async def test_breaker_state_gauge_follows_the_breaker(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    up = await start_upstream(Faulty([Step(500)]).app())
+    gw = await gateway_factory(up.url, retry={"attempts": 1}, breaker={"failure_threshold": 1})
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 500
+    m = await scrape(http, gw)
+    assert value(m, "gateway_breaker_state", upstream="mock") == 2
+    assert value(m, "gateway_upstream_attempts_total", upstream="mock", outcome="server_error") == 1
+
+
+async def test_active_streams_and_client_disconnects(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    closed = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+        try:
+            await asyncio.Event().wait()
+        finally:
+            closed.set()
+        return resp
+
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/v1/chat/completions", stalls)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url)
+    async with aiohttp.ClientSession() as own:
+        resp = await own.post(f"{gw.url}/v1/chat/completions", json=chat_body())
+        await resp.content.readuntil(b"\n\n")
+        assert value(await scrape(http, gw), "gateway_active_streams") == 1
+        resp.close()
+    await asyncio.wait_for(closed.wait(), 5)
+    async with asyncio.timeout(5):
+        while value(m := await scrape(http, gw), "gateway_client_disconnects_total") == 0:
+            await asyncio.sleep(0.01)
+    assert value(m, "gateway_active_streams") == 0
+    assert value(m, "gateway_client_disconnects_total") == 1
+    assert value(m, "gateway_requests_total", route="/v1/chat/completions", status="200") == 1
+
+
+async def test_metrics_are_refused_to_peers_not_allowed(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory("http://127.0.0.1:9/v1", metrics={"allow": ["10.0.0.0/8"]})
+    async with http.get(f"{gw.url}/metrics") as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "metrics_forbidden"
+
+
+async def test_metrics_path_comes_from_config(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory("http://127.0.0.1:9/v1", metrics={"path": "/internal/prom"})
+    async with http.get(f"{gw.url}/internal/prom") as resp:
+        assert resp.status == 200
+        assert "gateway_requests_total" in await resp.text()
+    async with http.get(f"{gw.url}/metrics") as resp:
+        assert resp.status == 404
+
+
+def test_each_app_has_its_own_registry() -> None:
+    cfg = make_config("http://127.0.0.1:9/v1")
+    a, b = create_app(cfg), create_app(cfg)
+    assert a[METRICS].registry is not b[METRICS].registry
+
+
+def test_client_label_is_bounded_to_configured_names() -> None:
+    cfg = make_config("http://127.0.0.1:9/v1", keys=[{"client": "alice", "sha256": "0" * 64}])
+    metrics = Metrics(cfg)
+    assert metrics.client_label("alice") == "alice"
+    assert metrics.client_label("anonymous") == "anonymous"
+    assert metrics.client_label("some-jwt-subject-123") == "jwt"
+
+
+def test_throttled_requests_are_counted_by_reason() -> None:
+    metrics = Metrics(make_config("http://127.0.0.1:9/v1"))
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    for status, reason in ((429, "rpm"), (429, "rpm"), (429, "tpm"), (200, None), (503, "redis")):
+        ex = Exchange("r", "t" * 32, "s" * 16, "01", 0.0, status=status, reason=reason)
+        metrics.finished(request, ex, 0.5)
+    got = {
+        s.labels["reason"]: s.value
+        for s in next(iter(metrics.throttled.collect())).samples
+        if s.name.endswith("_total")
+    }
+    assert got == {"rpm": 2, "tpm": 1}
