@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .limits import LimiterBackend
     from .metrics import Metrics
     from .policy import PolicyHolder
+    from .streams.log import EventLog
     from .upstream import UpstreamPool
 
 CONFIG = web.AppKey("config", Config)
@@ -73,6 +74,8 @@ RESPONSE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("response_head
 POLICY: web.AppKey[PolicyHolder] = web.AppKey("policy")
 # The limiter backend (memory, or Redis when limits.backend = "redis").
 LIMITER: web.AppKey[LimiterBackend] = web.AppKey("limiter")
+# Detached streams' event logs (memory, or a shared backend installed before streams' ctx).
+EVENT_LOG: web.AppKey[EventLog] = web.AppKey("event_log")
 USAGE = web.AppKey("usage", UsageRecorder)
 
 # Called once per request when it has ended (from the tracing middleware, possibly inside a
