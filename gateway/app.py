@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import health, relay
+from . import demo, health, relay
 from .accounting import Accounting, MemoryUsage, usage_handler
 from .config import Config
 from .health import ReadinessChecks
@@ -34,6 +34,8 @@ from .state import (
     USAGE,
     Finisher,
 )
+from .streams import handlers as streams
+from .streams.registry import streams_ctx
 from .upstream import UpstreamPool
 
 
@@ -108,4 +110,13 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{PUBLIC}metrics")
     # Last in, first out at cleanup: pending usage records finish before the stores close.
     app.cleanup_ctx.append(accounting.drain)
+    # Last of all: at cleanup detached generations end first, while the session and the
+    # usage stores they write to are still open.
+    app.cleanup_ctx.append(streams_ctx)
+    # Detached streams: POST is authenticated; the unguessable id authorizes GET and DELETE.
+    app.router.add_post("/v1/streams", streams.start_stream)
+    stream = app.router.add_resource("/v1/streams/{id}", name=f"{PUBLIC}stream")
+    stream.add_route("GET", streams.follow_stream)
+    stream.add_route("DELETE", streams.stop_stream)
+    demo.add_routes(app)
     return app

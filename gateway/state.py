@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .policy import PolicyHolder
     from .streams.log import EventLog
+    from .streams.registry import StreamTasks
     from .upstream import UpstreamPool
 
 CONFIG = web.AppKey("config", Config)
@@ -76,6 +77,7 @@ POLICY: web.AppKey[PolicyHolder] = web.AppKey("policy")
 LIMITER: web.AppKey[LimiterBackend] = web.AppKey("limiter")
 # Detached streams' event logs (memory, or a shared backend installed before streams' ctx).
 EVENT_LOG: web.AppKey[EventLog] = web.AppKey("event_log")
+STREAM_TASKS: web.AppKey[StreamTasks] = web.AppKey("stream_tasks")
 USAGE = web.AppKey("usage", UsageRecorder)
 
 # Called once per request when it has ended (from the tracing middleware, possibly inside a

@@ -1,0 +1,58 @@
+"""The app owns detached generations: a registry of their tasks, and their lifetime.
+
+`streams_ctx` (a cleanup context) installs the event log, unless a shared backend already
+sits at `app[EVENT_LOG]`, and the task registry; at shutdown it gives running generations
+`shutdown_grace` seconds to finish, then cancels the rest (each ends its log with `fail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from ..state import CONFIG, EVENT_LOG, STREAM_TASKS
+from .log import MemoryEventLog
+
+
+class StreamTasks:
+    """The running generations of this process."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the generations, then cancel and await the rest."""
+        if self._tasks and grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        rest = set(self._tasks)
+        for task in rest:
+            task.cancel()
+        if rest:
+            await asyncio.gather(*rest, return_exceptions=True)
+
+
+async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG].sse
+    memory: MemoryEventLog | None = None
+    if EVENT_LOG not in app:
+        memory = MemoryEventLog(
+            max_events=cfg.max_log_events, max_bytes=cfg.max_log_bytes, ttl=cfg.resume_ttl
+        )
+        app[EVENT_LOG] = memory
+    tasks = app[STREAM_TASKS] = StreamTasks()
+    yield
+    await tasks.stop(app[CONFIG].server.shutdown_grace)
+    if memory is not None:
+        memory.close()
