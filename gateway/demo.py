@@ -21,6 +21,7 @@ _FILES = {
     "index.html": "text/html",
     "demo.js": "text/javascript",
     "demo.css": "text/css",
+    "favicon.svg": "image/svg+xml",
 }
 
 CSP = (

@@ -21,7 +21,14 @@ from gateway.state import EVENT_LOG, IDENTITY, SLOT, STREAM_TASKS, USAGE
 from gateway.streams.log import MemoryEventLog
 from gateway.usage import Usage
 
-from .conftest import Gateway, GatewayFactory, StartUpstream, Upstream, chat_body, make_config
+from .conftest import (
+    Gateway,
+    GatewayFactory,
+    StartUpstream,
+    Upstream,
+    chat_body,
+    make_config,
+)
 
 PROMPT = "hello there"
 
