@@ -22,6 +22,8 @@ from gateway.streams.log import MemoryEventLog
 from gateway.usage import Usage
 
 from .conftest import (
+    TEST_KEY,
+    TEST_KEY_SHA,
     Gateway,
     GatewayFactory,
     StartUpstream,
@@ -429,3 +431,23 @@ async def _until(cond: Callable[[], bool], timeout: float = 10) -> None:
     while not cond():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def test_with_auth_and_throttle_a_generation_counts_toward_max_concurrent(
+    http: aiohttp.ClientSession, gateway_factory: GatewayFactory, slow_upstream: Upstream
+) -> None:
+    keys = [{"client": "tester", "sha256": TEST_KEY_SHA, "max_concurrent": 1, "rpm": 0}]
+    gw = await gateway_factory(slow_upstream.url, auth={"mode": "keys"}, keys=keys)
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    async with http.post(f"{gw.url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 401  # POST needs credentials
+    url = await start_stream(http, gw, headers=auth)
+    async with http.post(f"{gw.url}/v1/streams", json=chat_body(), headers=auth) as r:
+        assert r.status == 429  # the first generation holds the only slot
+        assert int(r.headers["Retry-After"]) >= 1
+    got = await read_stream(http, gw, url)  # GET needs no credentials: the id is enough
+    assert got.events[-1].kind == "done"
+    await _until(lambda: len(gw.app[STREAM_TASKS]) == 0)
+    url2 = await start_stream(http, gw, headers=auth)  # the slot came back
+    async with http.delete(gw.url + url2) as r:
+        assert r.status == 204

@@ -28,8 +28,10 @@ from multidict import CIMultiDict
 
 from ..errors import GatewayError, error_body
 from ..exchange import Exchange
+from ..identity import Identity
+from ..middlewares.throttle import charge_tokens
 from ..sse import EventSplitter, SSEError, iter_events, parse_event
-from ..state import CONFIG, EVENT_LOG, UPSTREAMS, USAGE, Slot
+from ..state import CONFIG, EVENT_LOG, LIMITER, UPSTREAMS, USAGE, Slot
 from ..usage import Usage
 from .log import DELTA, DONE, FAIL, EventLog
 from .log import USAGE as USAGE_EVENT
@@ -46,6 +48,7 @@ class Job:
 
     stream_id: str
     client: str
+    identity: Identity | None  # for tpm: the tokens are charged when usage arrives
     body: bytes  # the chat request, `stream` and usage already asked for
     ex: Exchange  # the generation's own record (model, upstream, attempts, usage)
     headers: CIMultiDict[str]
@@ -102,9 +105,11 @@ async def run(app: web.Application, job: Job) -> None:
 async def _finish(app: web.Application, job: Job, outcome: str) -> None:
     if job.slot is not None:
         await job.slot.release()
-    if USAGE in app:
-        await app[USAGE].record(job.client, job.ex.usage, streamed=True)
     usage = job.ex.usage
+    if USAGE in app:
+        await app[USAGE].record(job.client, usage, streamed=True)
+    if job.identity is not None and usage is not None and LIMITER in app:
+        await charge_tokens(app, job.identity, usage.total_tokens)
     log.info(
         "stream_ended",
         stream_outcome=outcome,

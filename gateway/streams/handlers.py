@@ -61,6 +61,7 @@ async def start_stream(request: web.Request) -> web.Response:
     job = generation.Job(
         stream_id=stream_id,
         client=client,
+        identity=identity,
         body=validation.dumps(body),
         ex=Exchange(
             request_id=ex.request_id,
