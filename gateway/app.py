@@ -10,19 +10,23 @@ from aiohttp import web
 from . import demo, health, relay
 from .accounting import Accounting, MemoryUsage, usage_handler
 from .config import Config
+from .drain import Drain
 from .health import ReadinessChecks
 from .limits import MemoryLimiter
 from .metrics import Metrics, metrics_handler
 from .middlewares import headers
 from .middlewares.auth import make_auth_middleware
 from .middlewares.cors import make_cors_middleware
+from .middlewares.drain import make_drain_middleware
 from .middlewares.errors import make_errors_middleware
 from .middlewares.ipthrottle import make_ip_throttle_middleware
 from .middlewares.throttle import make_client_throttle_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
 from .policy import PolicyHolder
+from .reload import Reloaders
 from .state import (
     CONFIG,
+    DRAIN,
     FINISHED,
     HTTP,
     LIMITER,
@@ -30,6 +34,7 @@ from .state import (
     POLICY,
     PUBLIC,
     READINESS,
+    RELOADERS,
     UPSTREAMS,
     USAGE,
     Finisher,
@@ -58,6 +63,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     )
     app[HTTP] = session
     app[UPSTREAMS] = UpstreamPool(cfg, session, app[METRICS])
+    app[RELOADERS].add("upstreams", app[UPSTREAMS].prepare_reload)
     yield
     await session.close()
 
@@ -66,6 +72,7 @@ def create_app(cfg: Config) -> web.Application:
     """Build the gateway's one Application from a validated config."""
     # Keys, limits and CORS derived from the config; a reload swaps them: policy.replace(cfg).
     policy = PolicyHolder(cfg)
+    drain = Drain()
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         # Outermost first.
@@ -73,6 +80,8 @@ def create_app(cfg: Config) -> web.Application:
         # cors: outside errors, so rendered 401/429s carry the headers a browser needs to
         #   read them; answers preflights before anything asks for credentials.
         # errors: renders the error tree as OpenAI JSON for everything below it.
+        # drain: counts what is in flight; after SIGTERM refuses new work before anything
+        #   below spends effort on it.
         # ip throttle: before auth, so a flood of bad credentials is refused cheaply.
         # auth: who is calling (skips public routes).
         # client throttle: that caller's rpm, tpm and concurrency slot, held around the handler.
@@ -80,6 +89,7 @@ def create_app(cfg: Config) -> web.Application:
             make_tracing_middleware(),
             make_cors_middleware(policy),
             make_errors_middleware(),
+            make_drain_middleware(drain),
             make_ip_throttle_middleware(policy),
             make_auth_middleware(policy),
             make_client_throttle_middleware(policy),
@@ -95,6 +105,10 @@ def create_app(cfg: Config) -> web.Application:
     # Called when each request has ended (see the tracing middleware).
     finishers: list[Finisher] = [metrics.finished, accounting.finished]
     app[FINISHED] = finishers
+    app[DRAIN] = drain
+    app[READINESS].add("draining", drain.readiness)
+    app[RELOADERS] = Reloaders(cfg)
+    app[RELOADERS].add("policy", policy.prepare_reload)
     app.cleanup_ctx.append(_http_session)
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(headers.on_prepare)

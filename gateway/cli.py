@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .server import serve
 
-    return serve(cfg)
+    return serve(cfg, worker=args.worker)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the gateway")
     p.add_argument("--config", default=config.default_path(), help="config.toml path")
+    # Set by the supervisor for the processes it starts (`[server].workers > 1`).
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file")

@@ -14,10 +14,11 @@ import orjson
 from aiohttp import web
 
 from . import validation
+from .drain import ShuttingDown
 from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
 from .exchange import Exchange, Outcome
 from .sse import EventSplitter, SSEError
-from .state import CONFIG, EXCHANGE, IDENTITY, METRICS, UPSTREAMS
+from .state import CONFIG, DRAIN, EXCHANGE, IDENTITY, METRICS, UPSTREAMS
 from .upstream import forward_headers, relay_headers
 from .usage import Usage, UsageTap, ensure_usage_requested
 
@@ -109,6 +110,9 @@ async def _relay(
     up, resp = await pool.open(
         method, path, ex=ex, body=body, headers=forward_headers(request.headers)
     )
+    # Registered while relayed, so a shutdown whose grace ran out can end it cleanly.
+    inflight = request.app[DRAIN].responses
+    inflight.add(resp)
     try:
         if resp.content_type == "text/event-stream" and resp.status == 200:
             return await _relay_stream(request, ex, resp, strip)
@@ -116,6 +120,7 @@ async def _relay(
     finally:
         # Whatever happened (done, client gone, cancelled), the upstream connection is
         # released now; close() drops it when the body was not read to its end.
+        inflight.discard(resp)
         if not resp.content.at_eof():
             resp.close()
         resp.release()
@@ -174,6 +179,9 @@ async def _relay_stream(
                 block = splitter.feed(data)
             except TimeoutError:
                 failure = ("timeout", sse_error_event("upstream timed out", "timeout", "upstream_timeout"))
+                break
+            except ShuttingDown as exc:
+                failure = ("timeout", exc.sse_event())
                 break
             except SSEError as exc:
                 failure = ("upstream_error", sse_error_event(str(exc), "upstream_error", "event_too_large"))

@@ -1,12 +1,15 @@
 """Running the app: event loop, listener, signals, shutdown.
 
-Shutdown reads like a script: stop accepting, let in-flight work finish within the grace
-period, then end the rest and exit 0.
+Shutdown reads like a script (`shutdown()`): say we are draining, stop accepting, let
+in-flight work finish within the grace period, then end the rest cleanly and exit 0.
+SIGHUP reloads the config file (`gateway.reload`). With `[server].workers > 1` the process
+started by `gateway serve` is a supervisor (`gateway.supervisor`) and this runs in each worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import signal
 import socket
@@ -14,11 +17,18 @@ import socket
 import structlog
 from aiohttp import web
 
-from . import logs
+from . import logs, notify
 from .app import create_app
 from .config import Config
+from .reload import reload_file
+from .state import DRAIN
 
 log = structlog.get_logger("gateway.server")
+
+# After the grace: how long ended streams get to write their error event and close, and then
+# how long aiohttp waits for stragglers before cancelling them. systemd's TimeoutStopSec
+# must exceed shutdown_grace + 2 * FINISH_TIMEOUT.
+FINISH_TIMEOUT = 5.0
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -38,6 +48,7 @@ async def start(
     *,
     shutdown_timeout: float = 30.0,
     sock: socket.socket | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Start serving `app`; returns the runner and the bound port (for port 0)."""
     runner = web.AppRunner(
@@ -54,7 +65,9 @@ async def start(
     if sock is not None:
         site = web.SockSite(runner, sock)
     else:
-        site = web.TCPSite(runner, host, port, backlog=4096)
+        # reuse_port: each worker binds its own listener on the shared port (SO_REUSEPORT);
+        # the kernel spreads new connections among them.
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
     await site.start()
     bound = port
     server = getattr(site, "_server", None)
@@ -63,34 +76,62 @@ async def start(
     return runner, bound
 
 
-async def _serve(cfg: Config) -> int:
+async def shutdown(runner: web.AppRunner, app: web.Application, grace: float) -> None:
+    """Drain and stop: the SIGTERM script (tests call it directly)."""
+    drain = app[DRAIN]
+    drain.begin()  # /readyz 503, new /v1 work 503
+    notify.stopping()
+    for site in list(runner.sites):
+        await site.stop()  # stop accepting; open connections stay
+    log.info("draining", in_flight=drain.inflight, grace=grace)
+    if not await drain.wait_idle(grace):
+        log.warning("grace_expired", in_flight=drain.inflight, ending=len(drain.responses))
+        await drain.end_inflight()
+        await drain.wait_idle(FINISH_TIMEOUT)
+    # Closes idle keep-alive connections, cancels what is left, closes the upstream session.
+    await runner.cleanup()
+
+
+async def _serve(cfg: Config, *, worker: bool) -> int:
     app = create_app(cfg)
     runner, port = await start(
-        app, cfg.server.host, cfg.server.port, shutdown_timeout=cfg.server.shutdown_grace
+        app,
+        cfg.server.host,
+        cfg.server.port,
+        shutdown_timeout=FINISH_TIMEOUT,
+        reuse_port=worker,
     )
-    log.info("listening", host=cfg.server.host, port=port)
+    log.info("listening", host=cfg.server.host, port=port, pid=os.getpid())
+    notify.ready(f"listening on {cfg.server.host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("shutting_down", grace=cfg.server.shutdown_grace)
-    finally:
-        await runner.cleanup()
+    loop.add_signal_handler(signal.SIGHUP, reload_file, app, cfg.source)
+    await stop.wait()
+    log.info("shutting_down", grace=cfg.server.shutdown_grace)
+    loop.remove_signal_handler(signal.SIGHUP)
+    await shutdown(runner, app, cfg.server.shutdown_grace)
     log.info("stopped")
     return 0
 
 
-def serve(cfg: Config) -> int:
-    """Run the gateway until SIGTERM/SIGINT; returns the exit code."""
+def serve(cfg: Config, *, worker: bool = False) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the exit code.
+
+    With `workers > 1` (and not already a worker) this process supervises the workers.
+    """
     logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()
     log.info("nofile_limit", soft=soft, hard=hard)
+    if cfg.server.workers > 1 and not worker:
+        from .supervisor import supervise
+
+        return supervise(cfg)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(_serve(cfg))
-    return uvloop.run(_serve(cfg))
+        return asyncio.run(_serve(cfg, worker=worker))
+    return uvloop.run(_serve(cfg, worker=worker))

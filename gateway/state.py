@@ -16,10 +16,12 @@ from .identity import Identity
 from .usage import Usage, UsageTotals
 
 if TYPE_CHECKING:
+    from .drain import Drain
     from .health import ReadinessChecks
     from .limits import LimiterBackend
     from .metrics import Metrics
     from .policy import PolicyHolder
+    from .reload import Reloaders
     from .streams.log import EventLog
     from .streams.registry import StreamTasks
     from .upstream import UpstreamPool
@@ -65,6 +67,9 @@ PUBLIC = "public:"
 EXCHANGE = web.RequestKey("exchange", Exchange)
 IDENTITY = web.RequestKey("identity", Identity)
 READINESS: web.AppKey[ReadinessChecks] = web.AppKey("readiness")
+# Shutdown state (draining flag, in-flight upstream responses) and the SIGHUP reload hooks.
+DRAIN: web.AppKey[Drain] = web.AppKey("drain")
+RELOADERS: web.AppKey[Reloaders] = web.AppKey("reloaders")
 SLOT = web.RequestKey("slot", Slot)
 # The caller's address (gateway.clientip: TCP peer, or X-Forwarded-For from a trusted proxy).
 CLIENT_IP = web.RequestKey("client_ip", str)

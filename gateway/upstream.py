@@ -12,7 +12,7 @@ import asyncio
 import email.utils
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -118,6 +118,35 @@ class UpstreamPool:
         self.upstreams = [Upstream.from_config(u, cfg.breaker) for u in cfg.upstreams]
         if metrics is not None:
             metrics.bind_upstreams([u.name for u in self.upstreams])
+
+    def prepare_reload(self, cfg: Config) -> Callable[[], None]:
+        """SIGHUP: the new upstream list, retry policy and breaker settings.
+
+        An upstream kept under the same name and URL keeps its breaker's state (a failing
+        upstream stays avoided) and, with the same max_connections, its connection slots.
+        Requests already sent keep the upstream they hold.
+        """
+        kept = {(u.name, u.base): u for u in self.upstreams}
+        upstreams = []
+        for ucfg in cfg.upstreams:
+            fresh = Upstream.from_config(ucfg, cfg.breaker)
+            old = kept.get((ucfg.name, ucfg.base_url))
+            if old is not None:
+                fresh.breaker = old.breaker
+                if old.cfg.max_connections == ucfg.max_connections:
+                    fresh.slots = old.slots
+            upstreams.append(fresh)
+        added = [u.name for u in upstreams if u.name not in {o.name for o in self.upstreams}]
+
+        def commit() -> None:
+            for u in upstreams:
+                u.breaker.threshold = cfg.breaker.failure_threshold
+                u.breaker.cooldown = cfg.breaker.cooldown
+            if self.metrics is not None and added:
+                self.metrics.bind_upstreams(added)
+            self.upstreams, self.retry = upstreams, cfg.retry
+
+        return commit
 
     def candidates(self, model: str | None) -> list[Upstream]:
         """Upstreams serving `model`: by priority, then a weighted shuffle among equals."""
