@@ -78,6 +78,11 @@ async def upstream(start_upstream: StartUpstream) -> Upstream:
 
 def make_config(upstream_url: str, **sections: dict[str, Any]) -> config.Config:
     """A test config: one key (TEST_KEY), one upstream; `sections` override/extend tables."""
+    return config.parse(config_text(upstream_url, **sections), source="test", env={})
+
+
+def config_text(upstream_url: str, **sections: dict[str, Any]) -> str:
+    """The TOML text of `make_config` (for a gateway started as a process from a file)."""
     base: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},
         "auth": {"mode": "none"},
@@ -99,7 +104,7 @@ def make_config(upstream_url: str, **sections: dict[str, Any]) -> config.Config:
         lines.append("[[upstreams]]")
         u = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY, **u}
         lines.extend(f"{a} = {_toml(b)}" for a, b in u.items())
-    return config.parse("\n".join(lines), source="test", env={})
+    return "\n".join(lines) + "\n"
 
 
 def _toml(v: Any) -> str:
