@@ -1,0 +1,118 @@
+"""SIGHUP's reload, in process: parse, prepare every part, then commit them all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from gateway import config
+from gateway.mock_upstream import MockSettings, create_mock_app
+from gateway.reload import Reloaders, reload_file, restart_needed
+from gateway.state import RELOADERS
+
+from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body, config_text
+
+
+async def test_reload_sends_new_requests_upstream_anew_without_dropping_a_running_stream(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    old = await start_upstream(
+        create_mock_app(MockSettings(chunks=30, delay=0.03, api_key=UPSTREAM_KEY))
+    )
+    new = await start_upstream(create_mock_app(MockSettings(chunks=3, delay=0, api_key=UPSTREAM_KEY)))
+    gw = await gateway_factory(old.url)
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(new.url))
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as running:
+        await running.content.readuntil(b"\n\n")
+        with capture_logs() as logs:
+            assert reload_file(gw.app, str(path))
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as after:
+            assert (await after.read()).endswith(b"data: [DONE]\n\n")
+        body = await running.content.read()
+    assert body.endswith(b"data: [DONE]\n\n")  # the stream that started before went on
+    assert body.count(b"data: {") >= 30
+    assert new.state.requests["/v1/chat/completions"] == 1
+    assert old.state.requests["/v1/chat/completions"] == 1
+    assert [e for e in logs if e["event"] == "reloaded"][0]["parts"] == ["upstreams"]
+    assert gw.app[RELOADERS].current.upstreams[0].base_url == config.parse(
+        path.read_text(), env={}
+    ).upstreams[0].base_url
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("[server\n", "(toml)"),
+        ("[server]\nport = 8080\nworkerz = 2\n", "server.workerz: unknown key"),
+        ("[server]\nport = 8080\n", "upstreams: at least one [[upstreams]] is required"),
+    ],
+)
+async def test_reload_of_a_bad_file_keeps_the_old_config_and_logs_why(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    text: str,
+    problem: str,
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=3, delay=0, api_key=UPSTREAM_KEY)))
+    gw = await gateway_factory(up.url)
+    before = gw.app[RELOADERS].current
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with capture_logs() as logs:
+        assert not reload_file(gw.app, str(path))
+    failed = [e for e in logs if e["event"] == "reload_failed"]
+    assert failed and any(problem in p for p in failed[0]["problems"])
+    assert failed[0]["log_level"] == "error"
+    assert gw.app[RELOADERS].current is before
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert up.state.requests["/v1/chat/completions"] == 1
+
+
+async def test_reload_of_a_missing_file_keeps_the_old_config(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(api_key=UPSTREAM_KEY)))
+    gw = await gateway_factory(up.url)
+    with capture_logs() as logs:
+        assert not reload_file(gw.app, str(tmp_path / "nope.toml"))
+    assert "(file): cannot read" in logs[0]["problems"][0]
+
+
+def test_a_part_refusing_the_new_config_leaves_every_part_unchanged() -> None:
+    cfg = config.parse('[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n', env={})
+    new = config.parse('[[upstreams]]\nname = "b"\nbase_url = "http://127.0.0.1:2/v1"\n', env={})
+    reloaders = Reloaders(cfg)
+    committed: list[str] = []
+
+    def good(c: config.Config) -> Callable[[], None]:
+        return lambda: committed.append("good")
+
+    def bad(c: config.Config) -> Callable[[], None]:
+        raise ValueError("cannot use upstream b")
+
+    reloaders.add("good", good)
+    reloaders.add("bad", bad)
+    with pytest.raises(ValueError, match="bad: cannot use upstream b"):
+        reloaders.apply(new)
+    assert committed == []
+    assert reloaders.current is cfg
+
+
+def test_restart_needed_names_the_keys_read_only_at_start() -> None:
+    base = '[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n'
+    old = config.parse("[server]\nport = 8080\n" + base, env={})
+    new = config.parse('[server]\nport = 9000\n[limits]\nper_ip_rpm = 5\n' + base, env={})
+    assert restart_needed(old, new) == ["server"]
+    assert restart_needed(old, old) == []
