@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway import config
@@ -17,6 +18,10 @@ from gateway.state import RELOADERS
 from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body, config_text
 
 
+def _mock(chunks: int, delay: float = 0.0) -> web.Application:
+    return create_mock_app(MockSettings(chunks=chunks, delay=delay, api_key=UPSTREAM_KEY))
+
+
 async def test_reload_sends_new_requests_upstream_anew_without_dropping_a_running_stream(
     gateway_factory: GatewayFactory,
     start_upstream: StartUpstream,
@@ -24,9 +29,9 @@ async def test_reload_sends_new_requests_upstream_anew_without_dropping_a_runnin
     tmp_path: Path,
 ) -> None:
     old = await start_upstream(
-        create_mock_app(MockSettings(chunks=30, delay=0.03, api_key=UPSTREAM_KEY))
+        _mock(chunks=30, delay=0.03)
     )
-    new = await start_upstream(create_mock_app(MockSettings(chunks=3, delay=0, api_key=UPSTREAM_KEY)))
+    new = await start_upstream(_mock(chunks=3))
     gw = await gateway_factory(old.url)
     path = tmp_path / "config.toml"
     path.write_text(config_text(new.url))
@@ -63,7 +68,7 @@ async def test_reload_of_a_bad_file_keeps_the_old_config_and_logs_why(
     text: str,
     problem: str,
 ) -> None:
-    up = await start_upstream(create_mock_app(MockSettings(chunks=3, delay=0, api_key=UPSTREAM_KEY)))
+    up = await start_upstream(_mock(chunks=3))
     gw = await gateway_factory(up.url)
     before = gw.app[RELOADERS].current
     path = tmp_path / "config.toml"
@@ -83,7 +88,7 @@ async def test_reload_of_a_bad_file_keeps_the_old_config_and_logs_why(
 async def test_reload_of_a_missing_file_keeps_the_old_config(
     gateway_factory: GatewayFactory, start_upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    up = await start_upstream(create_mock_app(MockSettings(api_key=UPSTREAM_KEY)))
+    up = await start_upstream(_mock(chunks=3))
     gw = await gateway_factory(up.url)
     with capture_logs() as logs:
         assert not reload_file(gw.app, str(tmp_path / "nope.toml"))
