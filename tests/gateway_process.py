@@ -93,6 +93,12 @@ class GatewayProcess:
     async def close(self) -> None:
         """Teardown: make sure nothing is left running."""
         if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+            # TERM first: a supervisor then stops its workers too.
+            self.proc.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
         await self._reader

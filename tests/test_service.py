@@ -1,0 +1,189 @@
+"""`gateway serve` as systemd runs it: a real process, real signals, a notify socket we bind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.mock_upstream import MockSettings, create_mock_app
+
+from .conftest import UPSTREAM_KEY, StartUpstream, chat_body, config_text
+from .gateway_process import GatewayProcess
+
+
+def _mock(chunks: int, delay: float = 0.0) -> web.Application:
+    return create_mock_app(MockSettings(chunks=chunks, delay=delay, api_key=UPSTREAM_KEY))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class NotifySocket:
+    """An abstract AF_UNIX datagram socket standing in for systemd's."""
+
+    def __init__(self) -> None:
+        self.name = f"@gateway-test-{os.getpid()}-{secrets.token_hex(6)}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.setblocking(False)
+
+    async def recv(self, timeout: float = 30.0) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            data = await loop.sock_recv(self.sock, 4096)
+        return dict(line.split("=", 1) for line in data.decode().splitlines())
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    ns = NotifySocket()
+    yield ns
+    ns.sock.close()
+
+
+Spawn = Callable[..., Any]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """spawn(text, env=..., listening=...) -> GatewayProcess; killed at teardown if left."""
+    procs: list[GatewayProcess] = []
+
+    async def go(text: str, *, env: dict[str, str] | None = None, listening: bool = True,
+                 name: str = "config.toml") -> GatewayProcess:
+        path = tmp_path / name
+        path.write_text(text)
+        gw = await GatewayProcess.start(path, env, listening=listening)
+        procs.append(gw)
+        return gw
+
+    yield go
+    for gw in procs:
+        await gw.close()
+
+
+async def test_serve_tells_systemd_ready_once_listening_and_stopping_on_sigterm(
+    spawn: Spawn, start_upstream: StartUpstream, notify_socket: NotifySocket
+) -> None:
+    up = await start_upstream(_mock(chunks=2))
+    gw = await spawn(config_text(up.url), env={"NOTIFY_SOCKET": notify_socket.name},
+                     listening=False)
+    ready = await notify_socket.recv()
+    assert ready["READY"] == "1"
+    port = (await gw.wait_log("listening"))["port"]
+    assert ready["STATUS"] == f"listening on 127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:  # READY=1 means the port answers now
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+    gw.send(signal.SIGTERM)
+    assert (await notify_socket.recv())["STOPPING"] == "1"
+    assert await gw.wait_exit() == 0
+    assert gw.events("stopped")
+
+
+async def test_sigterm_lets_a_stream_finish_then_exits_0(
+    spawn: Spawn, start_upstream: StartUpstream
+) -> None:
+    up = await start_upstream(_mock(chunks=20, delay=0.05))
+    gw = await spawn(config_text(up.url, server={"shutdown_grace": 20}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+            await resp.content.readuntil(b"\n\n")
+            gw.send(signal.SIGTERM)
+            body = await resp.content.read()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert await gw.wait_exit() == 0
+
+
+async def test_sighup_reloads_upstreams_without_dropping_a_stream_and_refuses_a_bad_file(
+    spawn: Spawn, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    old = await start_upstream(_mock(chunks=40, delay=0.03))
+    new = await start_upstream(_mock(chunks=2))
+    gw = await spawn(config_text(old.url))
+    path = tmp_path / "config.toml"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as running:
+            await running.content.readuntil(b"\n\n")
+            path.write_text(config_text(new.url))
+            gw.send(signal.SIGHUP)
+            await gw.wait_log("reloaded")
+            async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+                assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+            assert new.state.requests["/v1/chat/completions"] == 1
+
+            path.write_text(config_text(old.url).replace("[server]", "[server]\nbogus = 1"))
+            gw.send(signal.SIGHUP)
+            failed = await gw.wait_log("reload_failed")
+            assert failed["problems"] == ["server.bogus: unknown key"]
+            async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+                assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+            assert new.state.requests["/v1/chat/completions"] == 2  # the good config stayed
+            body = await running.content.read()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert old.state.requests["/v1/chat/completions"] == 1
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_share_the_port_are_restarted_and_get_the_signals(
+    spawn: Spawn, start_upstream: StartUpstream, notify_socket: NotifySocket
+) -> None:
+    up = await start_upstream(_mock(chunks=2))
+    port = free_port()
+    text = config_text(
+        up.url,
+        server={"port": port, "workers": 2},
+        # workers > 1 needs the shared backend; nothing here needs it to answer.
+        limits={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+    )
+    gw = await spawn(text, env={"NOTIFY_SOCKET": notify_socket.name}, listening=False)
+    gw.port = port
+    assert (await notify_socket.recv())["READY"] == "1"  # from the supervisor, once both listen
+    pids = (await gw.wait_log("workers_ready"))["pids"]
+    assert len(pids) == 2 and gw.proc.pid not in pids
+    assert len(gw.events("listening", port=port)) == 2
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(4):
+            async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 200
+
+        os.kill(pids[0], signal.SIGKILL)  # a worker dies: it is started again
+        await gw.wait_log("worker_exited", pid=pids[0])
+        restarted = await gw.wait_log("worker_started", count=3)
+        assert restarted["pid"] not in pids
+        await gw.wait_log("listening", count=3)
+        async with http.get(f"{gw.url}/healthz") as resp:
+            assert resp.status == 200
+
+        gw.send(signal.SIGHUP)  # forwarded: each worker reloads
+        await gw.wait_log("reloaded", count=2)
+        assert {e["pid"] for e in gw.events("reloaded")} == {pids[1], restarted["pid"]}
+
+    gw.send(signal.SIGTERM)
+    assert (await notify_socket.recv())["STOPPING"] == "1"
+    assert await gw.wait_exit() == 0
+    assert not _alive(pids[1]) and not _alive(restarted["pid"])
