@@ -8,7 +8,8 @@ CONFIG ?= config.toml
 # ruff's settings live here: pyproject.toml holds only [build-system].
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
-.PHONY: install run test lint check-config mock clean
+.PHONY: install run test lint check-config mock clean \
+	install-service reload status logs uninstall-service
 
 install: $(VENV)/.installed
 
@@ -51,3 +52,62 @@ mock: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# ---------------------------------------------------------------------------- ops
+# The service under systemd behind nginx, on Debian, as root (README: "Running as a service").
+# DESTDIR stages the files elsewhere without touching systemd or nginx (the tests use it).
+PREFIX ?= /opt/gateway
+ETC ?= /etc/gateway
+UNIT_DIR ?= /etc/systemd/system
+NGINX_DIR ?= /etc/nginx
+SERVICE_PYTHON ?= python3
+SERVICE_VENV ?= $(SERVICE_PYTHON) -m venv
+# How the package goes into the service's venv (the tests stage files without building it).
+SERVICE_PIP ?= $(DESTDIR)$(PREFIX)/venv/bin/pip install -q .
+SYSTEMCTL ?= systemctl
+SGW := $(PREFIX)/venv/bin/gateway
+GW_URL ?= http://127.0.0.1:8080
+
+install-service:
+	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "install-service: run as root"; exit 1; }
+	$(SERVICE_VENV) $(DESTDIR)$(PREFIX)/venv
+	$(SERVICE_PIP)
+	install -d -m 0755 $(DESTDIR)$(ETC)
+	@# Never overwrite the operator's config or secrets.
+	test -e $(DESTDIR)$(ETC)/config.toml || install -m 0644 config.toml $(DESTDIR)$(ETC)/config.toml
+	test -e $(DESTDIR)$(ETC)/gateway.env || install -m 0600 systemd/gateway.env $(DESTDIR)$(ETC)/gateway.env
+	install -D -m 0644 systemd/gateway.service $(DESTDIR)$(UNIT_DIR)/gateway.service
+	install -D -m 0644 systemd/nginx-gateway.conf $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
+	install -d -m 0755 $(DESTDIR)$(NGINX_DIR)/sites-enabled
+	ln -sfn ../sites-available/gateway $(DESTDIR)$(NGINX_DIR)/sites-enabled/gateway
+	@# Debian's welcome site is the default server on port 80: it would answer instead of us.
+	rm -f $(DESTDIR)$(NGINX_DIR)/sites-enabled/default
+	@if [ -z "$(DESTDIR)" ]; then set -ex; \
+	  $(SGW) check-config --config $(ETC)/config.toml; \
+	  nginx -t; \
+	  $(SYSTEMCTL) daemon-reload; \
+	  $(SYSTEMCTL) enable --now gateway; \
+	  $(SYSTEMCTL) reload-or-restart nginx; \
+	fi
+
+# Validate the installed config with the service's environment, then SIGHUP: keys, limits,
+# CORS and upstreams change without dropping a stream; a bad file is refused and logged.
+reload:
+	set -a; . $(ETC)/gateway.env; set +a; $(SGW) check-config --config $(ETC)/config.toml
+	$(SYSTEMCTL) reload gateway
+
+status:
+	-$(SYSTEMCTL) status gateway --no-pager
+	@curl -fsS $(GW_URL)/readyz && echo || echo "readyz: not ready"
+
+logs:
+	journalctl -u gateway -f -o cat
+
+uninstall-service:
+	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "uninstall-service: run as root"; exit 1; }
+	@if [ -z "$(DESTDIR)" ]; then $(SYSTEMCTL) disable --now gateway || true; fi
+	rm -f $(DESTDIR)$(UNIT_DIR)/gateway.service
+	rm -f $(DESTDIR)$(NGINX_DIR)/sites-enabled/gateway $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
+	rm -rf $(DESTDIR)$(PREFIX)
+	@if [ -z "$(DESTDIR)" ]; then $(SYSTEMCTL) daemon-reload; $(SYSTEMCTL) reload nginx || true; fi
+	@echo "Kept $(ETC) (your config and secrets); remove it with: rm -r $(ETC)"
