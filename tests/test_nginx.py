@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from gateway.mock_upstream import MockSettings, create_mock_app
 
@@ -111,6 +112,29 @@ async def test_nginx_passes_the_clients_address_in_x_forwarded_for(
     assert seen[1]["X-Forwarded-For"] == f"203.0.113.9, {CLIENT_IP}"
     # Keep-alive to the gateway: HTTP/1.1 without "Connection: close".
     assert seen[0].get("Connection", "").lower() != "close"
+
+
+async def test_per_ip_limits_see_the_clients_address_through_nginx(
+    gateway_factory: GatewayFactory, upstream_url_mock: str, start_nginx: StartNginx
+) -> None:
+    # 10 requests a minute per address: 2 at once (burst 1 + 10 // 10).
+    gw = await gateway_factory(upstream_url_mock, limits={"per_ip_rpm": 10})
+    nginx = await start_nginx(gw.port)
+    statuses: dict[str, list[int]] = {}
+    with capture_logs() as logs:
+        for ip in ("127.0.0.5", "127.0.0.6"):
+            connector = aiohttp.TCPConnector(local_addr=(ip, 0))
+            async with aiohttp.ClientSession(connector=connector) as client:
+                for _ in range(3):
+                    # Claiming another address changes nothing: nginx appends the real one.
+                    async with client.get(
+                        f"{nginx.url}/v1/models", headers={"X-Forwarded-For": "127.0.0.7"}
+                    ) as resp:
+                        statuses.setdefault(ip, []).append(resp.status)
+    # Every request reached the gateway from nginx (127.0.0.1); each address has its own limit.
+    assert statuses == {"127.0.0.5": [200, 200, 429], "127.0.0.6": [200, 200, 429]}
+    ips = [e["ip"] for e in logs if e["event"] == "access"]
+    assert ips == ["127.0.0.5"] * 3 + ["127.0.0.6"] * 3
 
 
 async def test_demo_page_and_metrics_stay_local(

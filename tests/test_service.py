@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import signal
@@ -17,7 +18,14 @@ from aiohttp import web
 
 from gateway.mock_upstream import MockSettings, create_mock_app
 
-from .conftest import UPSTREAM_KEY, StartUpstream, chat_body, config_text
+from .conftest import (
+    TEST_KEY,
+    TEST_KEY_SHA,
+    UPSTREAM_KEY,
+    StartUpstream,
+    chat_body,
+    config_text,
+)
 from .gateway_process import GatewayProcess
 
 
@@ -187,3 +195,54 @@ async def test_workers_share_the_port_are_restarted_and_get_the_signals(
     assert (await notify_socket.recv())["STOPPING"] == "1"
     assert await gw.wait_exit() == 0
     assert not _alive(pids[1]) and not _alive(restarted["pid"])
+
+
+async def test_sighup_reloads_keys_limits_and_cors_without_dropping_a_stream(
+    spawn: Spawn, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    up = await start_upstream(_mock(chunks=40, delay=0.03))
+    new_key = "gw-second-key-0123456789abcdefghijklmnopqrstuvwxyz"
+    origin = "https://app.example"
+
+    def text(client: str, key_sha: str, rpm: int, origins: list[str]) -> str:
+        return config_text(
+            up.url,
+            auth={"mode": "keys"},
+            cors={"allow_origins": origins},
+            keys=[{"client": client, "sha256": key_sha, "rpm": rpm, "burst": 0}],
+        )
+
+    gw = await spawn(text("tester", TEST_KEY_SHA, 600, ["http://127.0.0.1:8080"]))
+    path = tmp_path / "config.toml"
+    old_auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    new_auth = {"Authorization": f"Bearer {new_key}"}
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+    async with aiohttp.ClientSession() as http:
+        async with http.options(f"{gw.url}/v1/chat/completions", headers=preflight) as resp:
+            assert resp.status == 403
+        async with http.post(
+            f"{gw.url}/v1/chat/completions", json=chat_body(), headers=old_auth
+        ) as running:
+            assert running.status == 200
+            await running.content.readuntil(b"\n\n")
+
+            # The client is replaced by another with rpm 6 (burst 1); a new origin allowed.
+            new_sha = hashlib.sha256(new_key.encode()).hexdigest()
+            path.write_text(text("rotated", new_sha, 6, [origin]))
+            gw.send(signal.SIGHUP)
+            await gw.wait_log("reloaded")
+
+            async with http.get(f"{gw.url}/v1/models", headers=old_auth) as resp:
+                assert resp.status == 401
+            async with http.get(f"{gw.url}/v1/models", headers=new_auth) as resp:
+                assert resp.status == 200
+            async with http.get(f"{gw.url}/v1/models", headers=new_auth) as resp:
+                assert resp.status == 429  # the new limit: one at once, then one every 10 s
+            async with http.options(f"{gw.url}/v1/chat/completions", headers=preflight) as resp:
+                assert resp.status == 204
+                assert resp.headers["Access-Control-Allow-Origin"] == origin
+            body = await running.content.read()
+    # The stream admitted under the old key went on to its end.
+    assert body.endswith(b"data: [DONE]\n\n")
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
