@@ -14,6 +14,7 @@ from gateway import config
 from gateway.mock_upstream import MockSettings, create_mock_app
 from gateway.reload import Reloaders, reload_file, restart_needed
 from gateway.state import RELOADERS
+from gateway.upstream import UpstreamPool
 
 from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body, config_text
 
@@ -121,3 +122,25 @@ def test_restart_needed_names_the_keys_read_only_at_start() -> None:
     new = config.parse('[server]\nport = 9000\n[limits]\nper_ip_rpm = 5\n' + base, env={})
     assert restart_needed(old, new) == ["server"]
     assert restart_needed(old, old) == []
+
+
+async def test_upstream_reload_keeps_a_kept_upstreams_breaker_and_applies_new_settings() -> None:
+    def cfg(second_url: str, threshold: int) -> config.Config:
+        return config.parse(
+            f"[breaker]\nfailure_threshold = {threshold}\n"
+            '[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:1/v1"\n'
+            f'[[upstreams]]\nname = "b"\nbase_url = "{second_url}"\n',
+            env={},
+        )
+
+    async with aiohttp.ClientSession() as session:
+        pool = UpstreamPool(cfg("http://127.0.0.1:2/v1", 5), session)
+        a, b = pool.upstreams
+        commit = pool.prepare_reload(cfg("http://127.0.0.1:3/v1", 2))
+        assert a.breaker.threshold == 5  # nothing changes before the commit
+        commit()
+        new_a, new_b = pool.upstreams
+        assert new_a.breaker is a.breaker and new_a.slots is a.slots
+        assert new_a.breaker.threshold == 2
+        assert new_b.breaker is not b.breaker  # same name, another URL: a new upstream
+        assert str(new_b.base) == "http://127.0.0.1:3/v1"
