@@ -41,13 +41,14 @@ class ShuttingDown(Unavailable):
 class Drain:
     """The app's shutdown state: one per app, under `DRAIN`."""
 
-    __slots__ = ("draining", "inflight", "responses", "_idle", "_hooks")
+    __slots__ = ("draining", "inflight", "responses", "_idle", "_hurry", "_hooks")
 
     def __init__(self) -> None:
         self.draining = False
         self.inflight = 0  # requests inside the drain middleware
         self.responses: set[aiohttp.ClientResponse] = set()  # upstream bodies being relayed
         self._idle = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: end the grace now
         self._hooks: list[tuple[str, DeadlineHook]] = []
 
     def readiness(self) -> str | None:
@@ -72,14 +73,19 @@ class Drain:
         if self.inflight <= 0:
             self._idle.set()
 
+    def hurry(self) -> None:
+        """Cut the grace short (a second signal): `wait_idle` returns at once."""
+        self._hurry.set()
+
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False when `timeout` ran out first."""
+        """Wait until no request is in flight; False when `timeout` ran out (or `hurry()`)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._idle, self._hurry)]
         try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self._idle.is_set()
 
     async def end_inflight(self) -> None:
         """The grace is over: fail every relayed upstream body, run the deadline hooks."""

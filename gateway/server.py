@@ -111,6 +111,8 @@ async def _serve(cfg: Config, *, worker: bool) -> int:
     await stop.wait()
     log.info("shutting_down", grace=cfg.server.shutdown_grace)
     loop.remove_signal_handler(signal.SIGHUP)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one: do not wait out the grace
+        loop.add_signal_handler(sig, app[DRAIN].hurry)
     await shutdown(runner, app, cfg.server.shutdown_grace)
     log.info("stopped")
     return 0

@@ -124,3 +124,20 @@ def test_readiness_check_says_draining_only_after_begin() -> None:
     assert drain.readiness() is None
     drain.begin()
     assert drain.readiness() == "draining"
+
+
+async def test_hurry_ends_the_grace_at_once(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(await _slow_upstream(start_upstream, chunks=2000, delay=0.02))
+    loop = asyncio.get_running_loop()
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        await resp.content.readuntil(b"\n\n")
+        started = loop.time()
+        stopping = asyncio.create_task(shutdown(gw.runner, gw.app, grace=60))
+        await _until(lambda: gw.app[DRAIN].draining)
+        gw.app[DRAIN].hurry()  # what a second SIGTERM / Ctrl-C does
+        body = await resp.content.read()
+    await stopping
+    assert loop.time() - started < FINISH_TIMEOUT
+    assert b'"gateway_shutting_down"' in body.rsplit(b"\n\n", 2)[-2]
