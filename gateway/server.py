@@ -105,13 +105,18 @@ async def _serve(cfg: Config, *, worker: bool) -> int:
     notify.ready(f"listening on {cfg.server.host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # A worker hears only its supervisor (TERM): Ctrl-C in a terminal reaches the whole
+    # process group, and the supervisor forwards it once.
+    stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
+    if worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_file, app, cfg.source)
     await stop.wait()
     log.info("shutting_down", grace=cfg.server.shutdown_grace)
     loop.remove_signal_handler(signal.SIGHUP)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one: do not wait out the grace
+    for sig in stop_signals:  # a second one: do not wait out the grace
         loop.add_signal_handler(sig, app[DRAIN].hurry)
     await shutdown(runner, app, cfg.server.shutdown_grace)
     log.info("stopped")
