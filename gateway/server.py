@@ -94,6 +94,17 @@ async def shutdown(runner: web.AppRunner, app: web.Application, grace: float) ->
 
 async def _serve(cfg: Config, *, worker: bool) -> int:
     app = create_app(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Handlers before the port opens: a HUP or TERM right after READY=1 must not find the
+    # default action (which kills the process). A worker hears only its supervisor (TERM):
+    # Ctrl-C in a terminal reaches the whole process group, and the supervisor forwards it.
+    stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
+    if worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_file, app, cfg.source)
     runner, port = await start(
         app,
         cfg.server.host,
@@ -103,16 +114,6 @@ async def _serve(cfg: Config, *, worker: bool) -> int:
     )
     log.info("listening", host=cfg.server.host, port=port, pid=os.getpid())
     notify.ready(f"listening on {cfg.server.host}:{port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # A worker hears only its supervisor (TERM): Ctrl-C in a terminal reaches the whole
-    # process group, and the supervisor forwards it once.
-    stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
-    if worker:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_file, app, cfg.source)
     await stop.wait()
     log.info("shutting_down", grace=cfg.server.shutdown_grace)
     loop.remove_signal_handler(signal.SIGHUP)

@@ -62,19 +62,26 @@ class Supervisor:
         )
         if b"READY=1" in data.split(b"\n"):
             self.ready.add(pid)
+            log.info("worker_ready", pid=pid)
             live = {p.pid for p in self.procs.values() if p.returncode is None}
             if not self.all_ready and len(self.procs) == self.n and live <= self.ready:
                 self.all_ready = True
                 log.info("workers_ready", pids=sorted(live))
                 notify.ready(f"{self.n} workers listening")
 
-    def signal_workers(self, sig: signal.Signals) -> None:
+    def signal_workers(self, sig: signal.Signals, *, ready_only: bool = False) -> None:
         for proc in self.procs.values():
-            if proc.returncode is None:
+            # A worker still starting reads the current file anyway; before its handlers
+            # exist a HUP would kill it.
+            if proc.returncode is None and (proc.pid in self.ready or not ready_only):
                 try:
                     proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
+
+    def _reload(self) -> None:
+        log.info("reloading_workers")
+        self.signal_workers(signal.SIGHUP, ready_only=True)
 
     def _stop(self) -> None:
         if not self.stopping.is_set():
@@ -115,7 +122,7 @@ class Supervisor:
         loop.add_reader(self.sock.fileno(), self._on_notify)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop)
-        loop.add_signal_handler(signal.SIGHUP, self.signal_workers, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         log.info("supervising", workers=self.n, pid=os.getpid())
         try:
             codes = await asyncio.gather(*(self.run_slot(i) for i in range(self.n)))

@@ -172,7 +172,7 @@ async def test_workers_share_the_port_are_restarted_and_get_the_signals(
     assert (await notify_socket.recv())["READY"] == "1"  # from the supervisor, once both listen
     pids = (await gw.wait_log("workers_ready"))["pids"]
     assert len(pids) == 2 and gw.proc.pid not in pids
-    assert len(gw.events("listening", port=port)) == 2
+    await gw.wait_log("listening", count=2, port=port)  # both workers bound the one port
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         for _ in range(4):
@@ -183,7 +183,7 @@ async def test_workers_share_the_port_are_restarted_and_get_the_signals(
         await gw.wait_log("worker_exited", pid=pids[0])
         restarted = await gw.wait_log("worker_started", count=3)
         assert restarted["pid"] not in pids
-        await gw.wait_log("listening", count=3)
+        await gw.wait_log("worker_ready", pid=restarted["pid"])  # the supervisor knows it
         async with http.get(f"{gw.url}/healthz") as resp:
             assert resp.status == 200
 
