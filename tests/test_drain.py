@@ -49,7 +49,8 @@ async def test_drain_lets_an_inflight_stream_finish_within_the_grace(
 async def test_drain_turns_readyz_503_and_refuses_new_work_on_open_connections(
     gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory(await _slow_upstream(start_upstream, chunks=40, delay=0.05))
+    # A stream long enough (4 s) to be still running while the probes go through.
+    gw = await gateway_factory(await _slow_upstream(start_upstream, chunks=80, delay=0.05))
     # Two idle keep-alive connections opened before SIGTERM (as a load balancer's would be).
     probe_r, probe_w = await asyncio.open_connection("127.0.0.1", gw.port)
     work_r, work_w = await asyncio.open_connection("127.0.0.1", gw.port)
