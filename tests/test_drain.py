@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 
 import aiohttp
+from structlog.testing import capture_logs
 
 from gateway.drain import Drain
 from gateway.mock_upstream import MockSettings, create_mock_app
@@ -142,3 +143,45 @@ async def test_hurry_ends_the_grace_at_once(
     await stopping
     assert loop.time() - started < FINISH_TIMEOUT
     assert b'"gateway_shutting_down"' in body.rsplit(b"\n\n", 2)[-2]
+
+
+async def _start_detached(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.post(f"{url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 201
+        path: str = (await r.json())["url"]
+        return url + path
+
+
+async def test_drain_waits_for_a_detached_generation_within_the_grace(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    # 3 s of generation: longer than the app's own 2 s cleanup wait, shorter than the grace.
+    gw = await gateway_factory(await _slow_upstream(start_upstream, chunks=60, delay=0.05))
+    await _start_detached(http, gw.url)  # no reader attached: only the generation runs
+    with capture_logs() as logs:
+        await shutdown(gw.runner, gw.app, grace=20)
+    # The generation was work in flight: the drain waited for it to finish.
+    assert [e["stream_outcome"] for e in logs if e["event"] == "stream_ended"] == ["completed"]
+
+
+async def test_at_the_deadline_detached_readers_get_fail_and_a_clean_end(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream = await start_upstream(
+        create_mock_app(MockSettings(chunks=2000, delay=0.02, api_key=UPSTREAM_KEY))
+    )
+    gw = await gateway_factory(upstream.url)
+    loop = asyncio.get_running_loop()
+    stream = await _start_detached(http, gw.url)
+    async with http.get(stream) as reader:
+        await reader.content.readuntil(b"event: delta")
+        started = loop.time()
+        stopping = asyncio.create_task(shutdown(gw.runner, gw.app, grace=0.5))
+        body = await reader.content.read()  # a clean end: no ClientPayloadError
+    await stopping
+    assert loop.time() - started < 0.5 + FINISH_TIMEOUT
+    last = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert b"event: fail" in last
+    assert b'"shutdown"' in last
+    async with asyncio.timeout(5):  # the upstream request was closed
+        await upstream.state.client_disconnected.wait()

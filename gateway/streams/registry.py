@@ -3,6 +3,11 @@
 `streams_ctx` (a cleanup context) installs the event log, unless a shared backend already
 sits at `app[EVENT_LOG]`, and the task registry; at shutdown it gives running generations
 `shutdown_grace` seconds to finish, then cancels the rest (each ends its log with `fail`).
+
+Under SIGTERM (`gateway.drain`) a generation counts as work in flight like a request, so the
+drain's grace waits for it too, and at the drain's deadline the rest are cancelled: their
+readers get the `fail` event and a clean end; with a shared backend the log stays readable
+(resumable up to that event) from any instance until `resume_ttl`.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from typing import Any
 
 from aiohttp import web
 
-from ..state import CONFIG, EVENT_LOG, STREAM_TASKS
+from ..drain import Drain
+from ..state import CONFIG, DRAIN, EVENT_LOG, STREAM_TASKS
 from .log import MemoryEventLog
 
 
 class StreamTasks:
     """The running generations of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: Drain | None = None) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drain = drain
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -30,7 +37,18 @@ class StreamTasks:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self._drain is not None:
+            self._drain.enter()
+            task.add_done_callback(self._left)
         return task
+
+    def _left(self, _task: asyncio.Task[None]) -> None:
+        if self._drain is not None:
+            self._drain.leave()
+
+    async def cancel_all(self) -> None:
+        """The drain's deadline: end every generation now (each writes its `fail`)."""
+        await self.stop(0)
 
     async def stop(self, grace: float) -> None:
         """Wait up to `grace` seconds for the generations, then cancel and await the rest."""
@@ -51,7 +69,10 @@ async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
             max_events=cfg.max_log_events, max_bytes=cfg.max_log_bytes, ttl=cfg.resume_ttl
         )
         app[EVENT_LOG] = memory
-    tasks = app[STREAM_TASKS] = StreamTasks()
+    drain = app[DRAIN] if DRAIN in app else None
+    tasks = app[STREAM_TASKS] = StreamTasks(drain)
+    if drain is not None:
+        drain.on_deadline("detached streams", tasks.cancel_all)
     yield
     await tasks.stop(app[CONFIG].server.shutdown_grace)
     if memory is not None:
