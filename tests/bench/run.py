@@ -1,0 +1,375 @@
+"""`make bench`: the gateway side by side with nginx (the floor) and with going direct.
+
+One bench upstream (tests/bench/upstream.py), then for each scenario the gateway (real
+configuration: auth, limits, JSON access log, metrics), nginx (one worker, the shipped site
+config) and the upstream directly, on 127.0.0.1. The machine's cores are shared by load
+generator, upstream and proxy, so the headline is the proxy's own CPU seconds (user+sys from
+/proc/PID/stat) per 1000 streams, as a ratio to nginx's in the same run.
+
+    python -m tests.bench.run [--quick] [--only S1,S5] [--out build/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .procs import BENCH_KEY, Proxy
+from .sseclient import Stats, build_request, run_streams
+from .upstream import raise_nofile
+
+CHAT = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"stream":true}'
+CHAT_JSON = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
+
+
+@dataclass(frozen=True)
+class Plan:
+    s5_streams: int
+    s1_streams: int
+    s4_requests: int
+    s2_streams: int  # per connection wave of 500
+    s3_events: int
+    s6_streams: int
+    s6_events: int
+
+
+FULL = Plan(s5_streams=2000, s1_streams=20000, s4_requests=20000, s2_streams=1000,
+            s3_events=12, s6_streams=8000, s6_events=20)
+QUICK = Plan(s5_streams=300, s1_streams=4000, s4_requests=4000, s2_streams=500,
+             s3_events=6, s6_streams=8000, s6_events=8)
+
+
+def pct(values: Any, q: float) -> float | None:
+    data = sorted(values)
+    if not data:
+        return None
+    return data[min(len(data) - 1, int(q * len(data)))]
+
+
+def headers(chunks: int, delay: float) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {BENCH_KEY}",
+        "x-mock-chunks": str(chunks),
+        "x-mock-delay": str(delay),
+    }
+
+
+class Bench:
+    def __init__(self, plan: Plan, tmp: Path, only: set[str] | None) -> None:
+        self.plan = plan
+        self.tmp = tmp
+        self.only = only
+        self.results: dict[str, dict[str, Any]] = {}
+        self.upstream_proc, self.upstream_port = procs.start_upstream(tmp)
+        self.nginx_source = ""
+        self.starts = 0
+
+    def want(self, scenario: str) -> bool:
+        return self.only is None or scenario in self.only
+
+    # -------------------------------------------------------------- targets
+
+    def fresh(self, name: str) -> Proxy:
+        self.starts += 1
+        if name == "gateway":
+            return procs.start_gateway(self.tmp, self.upstream_port, str(self.starts))
+        if name == "nginx":
+            proxy, self.nginx_source = procs.start_nginx(self.tmp, self.upstream_port)
+            return proxy
+        return Proxy("direct", self.upstream_port)
+
+    def record(self, scenario: str, target: str, **values: Any) -> None:
+        self.results.setdefault(scenario, {})[target] = values
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if not isinstance(v, dict))
+        print(f"  {scenario} {target:8s} {shown}", flush=True)
+
+    # -------------------------------------------------------------- load
+
+    def streams(self, proxy: Proxy, *, chunks: int, delay: float, concurrency: int, total: int,
+                deadline: float, gaps: bool = False, body: bytes = CHAT,
+                during: Callable[[Stats], Any] | None = None) -> Stats:
+        request = build_request("127.0.0.1", proxy.port, "/v1/chat/completions", body, headers(chunks, delay))
+
+        async def go() -> Stats:
+            stats = Stats()
+            task = asyncio.ensure_future(run_streams(
+                "127.0.0.1", proxy.port, request, concurrency=concurrency, total=total,
+                deadline=deadline, record_gaps=gaps, stats=stats))
+            while during is not None and not task.done():
+                await asyncio.wait([task], timeout=0.25)
+                during(stats)
+            return await task
+
+        import uvloop
+
+        return uvloop.run(go())
+
+    def h2load(self, proxy: Proxy, body: bytes, n: int, chunks: int) -> dict[str, Any]:
+        body_file = self.tmp / "body.json"
+        body_file.write_bytes(body)
+        url = f"http://127.0.0.1:{proxy.port}/v1/chat/completions"
+        cmd = ["h2load", "--h1", "-n", str(n), "-c", "64", "-m", "1", "-d", str(body_file)]
+        for k, v in headers(chunks, 0).items():
+            cmd += ["-H", f"{k}: {v}"]
+        cpu0, t0 = proxy.cpu(), time.perf_counter()
+        out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=300).stdout
+        wall, cpu = time.perf_counter() - t0, proxy.cpu() - cpu0
+        m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+        ok = int(codes.group(1)) if codes else 0
+        errors = n - ok if m else n
+        return {"requests": n, "ok": ok, "errors": errors, "wall_s": round(wall, 2),
+                "rps": round(n / wall), "cpu_s": round(cpu, 3),
+                "cpu_s_per_1000": round(cpu * 1000 / n, 4) if proxy.proc else None}
+
+    # -------------------------------------------------------------- scenarios
+
+    def run(self) -> None:
+        targets = ("gateway", "nginx", "direct")
+        for name in targets:
+            proxy = self.fresh(name)
+            try:
+                # One short stream first: imports, pools and caches warm, like any live server.
+                self.streams(proxy, chunks=20, delay=0, concurrency=8, total=200, deadline=30)
+                if self.want("S5"):
+                    self.s5(proxy)
+                if self.want("S1"):
+                    self.s1(proxy)
+                if self.want("S4"):
+                    self.s4(proxy)
+                if self.want("S2"):
+                    self.s2(proxy)
+            finally:
+                proxy.close()
+        for name in targets[:2]:
+            if self.want("S3"):
+                proxy = self.fresh(name)
+                try:
+                    self.s3(proxy)
+                finally:
+                    proxy.close()
+            if self.want("S6"):
+                proxy = self.fresh(name)
+                try:
+                    self.s6(proxy)
+                finally:
+                    proxy.close()
+
+    def s5(self, proxy: Proxy) -> None:
+        """One stream at a time, 20 chunks, no delay: time to first event."""
+        st = self.streams(proxy, chunks=20, delay=0, concurrency=1, total=self.plan.s5_streams, deadline=60)
+        self.record("S5", proxy.name, streams=st.completed, errors=st.error_count,
+                    ttfe_p50_ms=_ms(pct(st.ttfe, 0.5)), ttfe_p99_ms=_ms(pct(st.ttfe, 0.99)),
+                    ttfe_mean_ms=_ms(statistics.fmean(st.ttfe)) if st.ttfe else None)
+
+    def s1(self, proxy: Proxy) -> None:
+        """20-chunk streams, no delay, 64 concurrent (h2load): CPU per 1000 streams."""
+        self.record("S1", proxy.name, **self.h2load(proxy, CHAT, self.plan.s1_streams, 20))
+
+    def s4(self, proxy: Proxy) -> None:
+        """Non-stream JSON, 64 concurrent (h2load): CPU per 1000 requests."""
+        self.record("S4", proxy.name, **self.h2load(proxy, CHAT_JSON, self.plan.s4_requests, 20))
+
+    def s2(self, proxy: Proxy) -> None:
+        """500 concurrent streams of 200 chunks every 20 ms: gap p99 and errors."""
+        cpu0 = proxy.cpu()
+        st = self.streams(proxy, chunks=200, delay=0.02, concurrency=500,
+                          total=self.plan.s2_streams, deadline=120, gaps=True)
+        self.record("S2", proxy.name, streams=st.completed, errors=st.error_count,
+                    gap_p50_ms=_ms(pct(st.gaps, 0.5)), gap_p99_ms=_ms(pct(st.gaps, 0.99)),
+                    gap_max_ms=_ms(max(st.gaps, default=0.0)), events=st.events,
+                    cpu_s=round(proxy.cpu() - cpu0, 2) if proxy.proc else None,
+                    error_kinds=dict(st.errors))
+
+    def s3(self, proxy: Proxy) -> None:
+        """2000 concurrent streams at one event a second, fresh process: RSS per stream."""
+        n = 2000
+        self.streams(proxy, chunks=2, delay=0, concurrency=4, total=20, deadline=30)
+        time.sleep(0.5)
+        base = proxy.rss()
+        peak = [base]
+        held = [0.0]
+
+        def sample(st: Stats) -> None:
+            peak[0] = max(peak[0], proxy.rss())
+            if st.first_events >= n and not held[0]:
+                held[0] = time.perf_counter()
+
+        st = self.streams(proxy, chunks=self.plan.s3_events, delay=1.0, concurrency=n, total=n,
+                          deadline=self.plan.s3_events + 60, during=sample)
+        self.record("S3", proxy.name, streams=st.completed, errors=st.error_count,
+                    rss_base_mb=round(base / 2**20, 1), rss_peak_mb=round(peak[0] / 2**20, 1),
+                    rss_per_stream_kb=round((peak[0] - base) / n / 1024, 1),
+                    error_kinds=dict(st.errors))
+
+    def s6(self, proxy: Proxy) -> None:
+        """8,000 concurrent slow streams on one process: all complete."""
+        n = self.plan.s6_streams
+        peak = [0]
+
+        def sample(st: Stats) -> None:
+            peak[0] = max(peak[0], st.first_events - st.completed - st.error_count)
+
+        cpu0 = proxy.cpu()
+        st = self.streams(proxy, chunks=self.plan.s6_events, delay=1.0, concurrency=n, total=n,
+                          deadline=self.plan.s6_events + 120, during=sample)
+        self.record("S6", proxy.name, streams=st.completed, errors=st.error_count,
+                    peak_concurrent=peak[0], wall_s=round(st.wall, 1),
+                    rss_peak_mb=round(proxy.rss() / 2**20, 1) if proxy.proc else None,
+                    cpu_s=round(proxy.cpu() - cpu0, 2), error_kinds=dict(st.errors))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# ------------------------------------------------------------------ the table
+
+TARGETS: list[tuple[str, str, str, str, float]] = [
+    # scenario, metric, label, how the target reads, bound
+    ("S1", "cpu_s_per_1000", "CPU s / 1000 streams", "ratio", 10.0),
+    ("S4", "cpu_s_per_1000", "CPU s / 1000 requests", "ratio", 10.0),
+    ("S5", "ttfe_p50_ms", "added TTFE p50 ms", "added", 0.3),
+    ("S2", "gap_p99_ms", "gap p99 ms", "ratio", 1.5),
+    ("S2", "errors", "errors", "zero", 0),
+    ("S3", "rss_per_stream_kb", "RSS KiB / stream", "ratio", 2.0),
+    ("S6", "streams", "streams completed", "info", 0),
+    ("S6", "errors", "errors", "zero", 0),
+]
+INFO: list[tuple[str, str, str]] = [
+    ("S1", "rps", "streams/s (shared cores)"),
+    ("S4", "rps", "requests/s (shared cores)"),
+    ("S5", "ttfe_p50_ms", "TTFE p50 ms"),
+    ("S5", "ttfe_p99_ms", "TTFE p99 ms"),
+    ("S2", "gap_p50_ms", "gap p50 ms"),
+    ("S2", "cpu_s", "CPU s for the run"),
+    ("S3", "rss_peak_mb", "RSS peak MiB"),
+    ("S6", "peak_concurrent", "peak concurrent streams"),
+    ("S6", "cpu_s", "CPU s for the run"),
+]
+
+
+def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for scenario, metric, label, kind, bound in TARGETS:
+        r = results.get(scenario, {})
+        gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
+        row: dict[str, Any] = {"scenario": scenario, "metric": label, "gateway": gw, "nginx": ng, "direct": dr}
+        ratio = gw / ng if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng else None
+        row["ratio"] = ratio
+        if kind == "ratio":
+            row["target"] = f"<= {bound:g}x nginx"
+            row["met"] = ratio is not None and ratio <= bound
+        elif kind == "added":
+            added = gw - dr if gw is not None and dr is not None else None
+            row["added"] = added
+            row["nginx_added"] = ng - dr if ng is not None and dr is not None else None
+            row["target"] = f"added <= {bound:g} ms"
+            row["met"] = added is not None and added <= bound
+        elif kind == "zero":
+            row["target"] = "0"
+            row["met"] = gw == 0
+        else:
+            row["target"] = "-"
+            row["met"] = None
+        if scenario == "S6" and metric == "streams":
+            want = results.get("S6", {}).get("_n")
+            row["target"] = f"all {want}" if want else "all"
+            row["met"] = gw == want if want else None
+        rows.append(row)
+    for scenario, metric, label in INFO:
+        r = results.get(scenario, {})
+        gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
+        ratio = gw / ng if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng else None
+        rows.append({"scenario": scenario, "metric": label, "gateway": gw, "nginx": ng,
+                     "direct": dr, "ratio": ratio, "target": "", "met": None})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    head = ["", "metric", "gateway", "nginx", "direct", "gw/nginx", "target", "met"]
+    body = []
+    for r in rows:
+        ratio = r.get("ratio")
+        extra = ""
+        if "added" in r and r["added"] is not None:
+            extra = f" (+{r['added']:.3f} vs direct; nginx +{r['nginx_added']:.3f})"
+        met = {True: "yes", False: "NO", None: ""}[r["met"]]
+        body.append([r["scenario"], r["metric"], cell(r["gateway"]), cell(r["nginx"]), cell(r["direct"]),
+                     (f"{ratio:.2f}x" if ratio is not None else "-"), r["target"] + extra, met])
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under two minutes)")
+    parser.add_argument("--only", help="comma-separated scenarios, e.g. S1,S5")
+    parser.add_argument("--out", default=str(procs.ROOT / "build" / "bench.json"))
+    args = parser.parse_args()
+    procs.ensure_tools()
+    raise_nofile()
+    plan = QUICK if args.quick else FULL
+    only = set(args.only.upper().split(",")) if args.only else None
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        bench = Bench(plan, Path(tmp), only)
+        try:
+            bench.run()
+        finally:
+            procs.stop(bench.upstream_proc)
+        results = bench.results
+        if "S6" in results:
+            results["S6"]["_n"] = plan.s6_streams
+        rows = verdicts(results)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "plan": "quick" if args.quick else "full",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "kernel": platform.release(), "load_avg": os.getloadavg()},
+            "nginx_site": bench.nginx_source,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "results": results,
+            "table": rows,
+        }
+        out.write_text(json.dumps(doc, indent=2, default=str))
+    print()
+    print(f"gateway vs nginx ({bench.nginx_source}) vs direct; "
+          f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}")
+    print(table(rows))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
