@@ -112,13 +112,13 @@ def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(port_file.read_text())
 
 
-def gateway_config(upstream_port: int) -> str:
+def gateway_config(upstream_port: int, port: int) -> str:
     """The real configuration: auth on (one key), limits on but high, JSON access log, metrics."""
     sha = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
     return f"""\
 [server]
 host = "127.0.0.1"
-port = 0
+port = {port}
 shutdown_grace = 2
 
 [auth]
@@ -156,24 +156,20 @@ allow = ["127.0.0.1/32"]
 def start_gateway(tmp: Path, upstream_port: int, tag: str, *, profile: list[str] | None = None) -> Proxy:
     """`gateway serve` on an OS-chosen port; its JSON log (access lines too) goes to a file."""
     cfg = tmp / "gateway.toml"
-    cfg.write_text(gateway_config(upstream_port))
+    port = free_port()
+    cfg.write_text(gateway_config(upstream_port, port))
     log_path = tmp / f"gateway-{tag}.log"
-    log = open(log_path, "wb")
     env = {**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)]
-    proc = subprocess.Popen([*(profile or []), *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    log.close()
-    deadline = time.monotonic() + 20
-    port = None
-    while port is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"the gateway did not start; see {log_path}")
-        m = re.search(rb'"event":\s*"listening"[^\n]*"port":\s*(\d+)|"port":\s*(\d+)[^\n]*"event":\s*"listening"', log_path.read_bytes())
-        if m:
-            port = int(m.group(1) or m.group(2))
-        else:
-            time.sleep(0.05)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*(profile or []), *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        wait_port(port, proc, timeout=20)
+    except RuntimeError as exc:
+        stop(proc)
+        raise RuntimeError(f"the gateway did not start ({exc}); see {log_path}") from None
     pid = proc.pid
     if profile:  # the profiler's child is the gateway
         time.sleep(0.2)
