@@ -144,13 +144,22 @@ class UsageTap:
         """
         if b"[DONE]" in block and _DONE.search(block):
             self.done = True
-        has_usage = b'"usage"' in block
-        if not has_usage and b'"finish_reason"' not in block:
+        usages = block.count(b'"usage"')
+        finishes = block.count(b'"finish_reason"')
+        if not usages and not finishes:
             return block
-        if self.strip and has_usage:
+        if self.strip and usages:
             block = block.replace(b',"usage":null', b"")  # OpenAI's own spelling: fastest
-            if b'"usage"' in block:
+            usages = block.count(b'"usage"')
+            if usages:
                 block = _NULL_FIRST.sub(b"{", _NULL_AFTER_COMMA.sub(b"", block))
+                usages = block.count(b'"usage"')
+        # Every key spelled `:null` the compact way (OpenAI's every chunk but the last two):
+        # nothing to note, and two counts cost less than the regex below.
+        if usages == block.count(b'"usage":null') and finishes == block.count(
+            b'"finish_reason":null'
+        ):
+            return block
         if _WORTH_PARSING.search(block) is None:
             return block
         return b"".join(
