@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload status logs uninstall-service
+	install-service reload status logs uninstall-service bench bench-quick
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Gateway vs nginx vs direct on loopback: one table, JSON in build/bench.json. bench-quick < 2 min.
+# Installs h2load (nghttp2-client) and nginx with apt-get when they are missing.
+bench: install
+	$(PY) -m tests.bench.run
+
+bench-quick: install
+	$(PY) -m tests.bench.run --quick
 
 lint: install
 	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
