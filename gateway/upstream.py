@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import math
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _PASS = frozenset({"accept", "user-agent", "openai-beta"})
 _HOLD_X = ("x-api-key", "x-forwarded-", "x-real-ip", "x-request-id")
 _HOLD_WORDS = ("key", "token", "secret", "auth", "cookie", "session", "password")
+_HOLD_WORD = re.compile("|".join(_HOLD_WORDS))  # one C search, not a generator per header
 
 
 def forward_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
@@ -56,7 +58,7 @@ def forward_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
         if low in _PASS or (
             low.startswith("x-")
             and not low.startswith(_HOLD_X)
-            and not any(w in low for w in _HOLD_WORDS)
+            and _HOLD_WORD.search(low) is None
         ):
             out.add(name, value)
     return out
@@ -151,6 +153,8 @@ class UpstreamPool:
     def candidates(self, model: str | None) -> list[Upstream]:
         """Upstreams serving `model`: by priority, then a weighted shuffle among equals."""
         found = [u for u in self.upstreams if u.serves(model)]
+        if len(found) < 2:  # nothing to order (the common one-upstream setup)
+            return found
         # Weighted random order (Efraimidis-Spirakis): key = U^(1/w), larger first.
         keyed = [
             (u.cfg.priority, -(random.random() ** (1.0 / u.cfg.weight)), i, u)
