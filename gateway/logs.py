@@ -34,6 +34,8 @@ _SECRET_NAMES = re.compile(
     r"authorization|api[_-]?key|token|secret|password|cookie", re.IGNORECASE
 )
 REDACTED = "[REDACTED]"
+_SCALARS = frozenset({int, float, bool, type(None)})
+_MAX_NAMES = 1024
 
 
 class Redactor:
@@ -47,10 +49,20 @@ class Redactor:
     def __init__(self, literals: Iterable[str] = ()) -> None:
         # Longest first, so a secret that contains another is masked whole.
         self._literals = tuple(sorted({s for s in literals if len(s) >= 4}, key=len, reverse=True))
+        # Field names come from the code, a few dozen: each is judged by the regex once.
+        self._names: dict[str, bool] = {}
+
+    def _secret_name(self, name: str) -> bool:
+        hit = self._names.get(name)
+        if hit is None:
+            hit = _SECRET_NAMES.search(name) is not None
+            if len(self._names) < _MAX_NAMES:
+                self._names[name] = hit
+        return hit
 
     def scrub(self, value: Any, name: str = "") -> Any:
         if isinstance(value, str):
-            if name and _SECRET_NAMES.search(name) and value:
+            if name and value and self._secret_name(name):
                 return REDACTED
             for lit in self._literals:
                 if lit in value:
@@ -70,7 +82,8 @@ class Redactor:
         self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in event_dict.items():
-            if isinstance(value, (str, Mapping, list, tuple)):
+            # An access line is mostly numbers and None: skip those before the ABC check.
+            if type(value) not in _SCALARS and isinstance(value, (str, Mapping, list, tuple)):
                 event_dict[key] = self.scrub(value, key)
         return event_dict
 
