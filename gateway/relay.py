@@ -75,6 +75,13 @@ class Heartbeat:
 async def relay_post(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses."""
     ex = request[EXCHANGE]
+    # No frame of a stream keeps the parsed body or its bytes (a chat history can be large,
+    # a stream can last minutes): they go straight into `_relay`, which drops them once sent.
+    return await _relay(request, ex, "POST", *await _read_post(request, ex))
+
+
+async def _read_post(request: web.Request, ex: Exchange) -> tuple[str, bytes, bool]:
+    """Read and check a POST body: (upstream path, bytes to send, strip usage?)."""
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     validate, usage_capable = validation.POST_ROUTES[route]
     raw, body = await validation.read_json(request)
@@ -89,7 +96,7 @@ async def relay_post(request: web.Request) -> web.StreamResponse:
     strip = usage_capable and ex.stream and ensure_usage_requested(body)
     if strip:
         raw = validation.dumps(body)
-    return await _relay(request, ex, "POST", route.removeprefix("/v1"), raw, strip)
+    return route.removeprefix("/v1"), raw, strip
 
 
 async def relay_get(request: web.Request) -> web.StreamResponse:
@@ -110,6 +117,7 @@ async def _relay(
     up, resp = await pool.open(
         method, path, ex=ex, body=body, headers=forward_headers(request.headers)
     )
+    body = None  # sent: not held for the life of a stream
     # Registered while relayed, so a shutdown whose grace ran out can end it cleanly.
     inflight = request.app[DRAIN].responses
     inflight.add(resp)
