@@ -100,8 +100,17 @@ class Proxy:
 def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     port_file = tmp / "upstream.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.upstream", "--port", "0", "--port-file", str(port_file)],
-        cwd=ROOT, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.upstream",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 15
     while not port_file.exists():
@@ -153,7 +162,9 @@ allow = ["127.0.0.1/32"]
 """
 
 
-def start_gateway(tmp: Path, upstream_port: int, tag: str, *, profile: list[str] | None = None) -> Proxy:
+def start_gateway(
+    tmp: Path, upstream_port: int, tag: str, *, profile: list[str] | None = None
+) -> Proxy:
     """`gateway serve` on an OS-chosen port; its JSON log (access lines too) goes to a file."""
     cfg = tmp / "gateway.toml"
     port = free_port()
@@ -226,7 +237,9 @@ def adapt_site(text: str, tmp: Path, port: int, upstream: int) -> str:
     text = re.sub(r"(?m)^(\s*server\s+)[^;{]+;", rf"\g<1>127.0.0.1:{upstream};", text)
     text = re.sub(r"(?m)^\s*ssl_[a-z_]+\s[^;]*;", "", text)
     text = re.sub(r"(?m)^\s*listen\s[^;]*(ssl|443|\[::\])[^;]*;", "", text)
-    text = re.sub(r"(?m)^(\s*)listen\s[^;]*;", rf"\g<1>listen 127.0.0.1:{port} backlog=4096;", text, count=1)
+    text = re.sub(
+        r"(?m)^(\s*)listen\s[^;]*;", rf"\g<1>listen 127.0.0.1:{port} backlog=4096;", text, count=1
+    )
     text = re.sub(r"(?m)^\s*listen\s[^;]*;(?=[\s\S]*listen 127)", "", text)
     text = re.sub(r"(access_log|error_log)\s+[^\s;]+", rf"\1 {tmp}/nginx-\1.log", text)
     return text
@@ -243,20 +256,47 @@ def start_nginx(tmp: Path, upstream_port: int) -> tuple[Proxy, str]:
     source = "generated minimal SSE proxy config"
     site = _NGINX_SITE.format(upstream=upstream_port, port=port)
     if SITE_CONFIG.exists():
-        (ntmp / "site.conf").write_text(adapt_site(SITE_CONFIG.read_text(), ntmp, port, upstream_port))
+        (ntmp / "site.conf").write_text(
+            adapt_site(SITE_CONFIG.read_text(), ntmp, port, upstream_port)
+        )
         check = subprocess.run(
-            [NGINX, "-t", "-q", "-p", str(ntmp), "-c", str(ntmp / "nginx.conf"), "-e", str(ntmp / "nginx-error.log")],
+            [
+                NGINX,
+                "-t",
+                "-q",
+                "-p",
+                str(ntmp),
+                "-c",
+                str(ntmp / "nginx.conf"),
+                "-e",
+                str(ntmp / "nginx-error.log"),
+            ],
             capture_output=True,
         )
         if check.returncode == 0:
-            site, source = (ntmp / "site.conf").read_text(), f"{SITE_CONFIG.relative_to(ROOT)} (adapted)"
+            site, source = (
+                (ntmp / "site.conf").read_text(),
+                f"{SITE_CONFIG.relative_to(ROOT)} (adapted)",
+            )
         else:
-            print(f"note: {SITE_CONFIG} could not be adapted ({check.stderr.decode().strip()}); "
-                  "using a generated config", flush=True)
+            print(
+                f"note: {SITE_CONFIG} could not be adapted ({check.stderr.decode().strip()}); "
+                "using a generated config",
+                flush=True,
+            )
     (ntmp / "site.conf").write_text(site)
     proc = subprocess.Popen(
-        [NGINX, "-p", str(ntmp), "-c", str(ntmp / "nginx.conf"), "-e", str(ntmp / "nginx-error.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            NGINX,
+            "-p",
+            str(ntmp),
+            "-c",
+            str(ntmp / "nginx.conf"),
+            "-e",
+            str(ntmp / "nginx-error.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_port(port, proc)
     time.sleep(0.2)
@@ -266,17 +306,30 @@ def start_nginx(tmp: Path, upstream_port: int) -> tuple[Proxy, str]:
 
 def ensure_tools() -> None:
     """h2load (nghttp2-client) and nginx, installed with apt-get when missing."""
-    missing = [pkg for tool, pkg in (("h2load", "nghttp2-client"), ("nginx", "nginx"))
-               if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    missing = [
+        pkg
+        for tool, pkg in (("h2load", "nghttp2-client"), ("nginx", "nginx"))
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+    ]
     if not missing:
         return
-    print(f"bench: {' and '.join(missing)} missing; installing with apt-get "
-          "(h2load drives the load, nginx is the floor we compare against)", flush=True)
+    print(
+        f"bench: {' and '.join(missing)} missing; installing with apt-get "
+        "(h2load drives the load, nginx is the floor we compare against)",
+        flush=True,
+    )
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                   check=True, env=env)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
+    )
     # Debian starts the packaged nginx service on install; the bench runs its own.
-    subprocess.run([*sudo, "systemctl", "disable", "--now", "nginx"], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [*sudo, "systemctl", "disable", "--now", "nginx"],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -47,15 +47,29 @@ class Plan:
     s6_events: int
 
 
-FULL = Plan(s5_streams=2000, s1_streams=20000, s4_requests=20000, s2_streams=1000,
-            s3_events=12, s6_streams=8000, s6_events=30)
+FULL = Plan(
+    s5_streams=2000,
+    s1_streams=20000,
+    s4_requests=20000,
+    s2_streams=1000,
+    s3_events=12,
+    s6_streams=8000,
+    s6_events=30,
+)
 # S6 keeps its 8,000 streams; they last long enough (14 s) for most of them to overlap.
-QUICK = Plan(s5_streams=300, s1_streams=3000, s4_requests=3000, s2_streams=500,
-             s3_events=4, s6_streams=8000, s6_events=14)
+QUICK = Plan(
+    s5_streams=300,
+    s1_streams=3000,
+    s4_requests=3000,
+    s2_streams=500,
+    s3_events=4,
+    s6_streams=8000,
+    s6_events=14,
+)
 
 
 def pct(values: Any, q: float) -> float | None:
-    data = sorted(values)
+    data: list[float] = sorted(values)
     if not data:
         return None
     return data[min(len(data) - 1, int(q * len(data)))]
@@ -101,16 +115,37 @@ class Bench:
 
     # -------------------------------------------------------------- load
 
-    def streams(self, proxy: Proxy, *, chunks: int, delay: float, concurrency: int, total: int,
-                deadline: float, gaps: bool = False, body: bytes = CHAT,
-                during: Callable[[Stats], Any] | None = None) -> Stats:
-        request = build_request("127.0.0.1", proxy.port, "/v1/chat/completions", body, headers(chunks, delay))
+    def streams(
+        self,
+        proxy: Proxy,
+        *,
+        chunks: int,
+        delay: float,
+        concurrency: int,
+        total: int,
+        deadline: float,
+        gaps: bool = False,
+        body: bytes = CHAT,
+        during: Callable[[Stats], Any] | None = None,
+    ) -> Stats:
+        request = build_request(
+            "127.0.0.1", proxy.port, "/v1/chat/completions", body, headers(chunks, delay)
+        )
 
         async def go() -> Stats:
             stats = Stats()
-            task = asyncio.ensure_future(run_streams(
-                "127.0.0.1", proxy.port, request, concurrency=concurrency, total=total,
-                deadline=deadline, record_gaps=gaps, stats=stats))
+            task = asyncio.ensure_future(
+                run_streams(
+                    "127.0.0.1",
+                    proxy.port,
+                    request,
+                    concurrency=concurrency,
+                    total=total,
+                    deadline=deadline,
+                    record_gaps=gaps,
+                    stats=stats,
+                )
+            )
             while during is not None and not task.done():
                 await asyncio.wait([task], timeout=0.25)
                 during(stats)
@@ -130,13 +165,19 @@ class Bench:
         cpu0, t0 = proxy.cpu(), time.perf_counter()
         out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=300).stdout
         wall, cpu = time.perf_counter() - t0, proxy.cpu() - cpu0
-        m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+        m = re.search(r"requests: \d+ total, .* (\d+) succeeded,", out)
         codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
         ok = int(codes.group(1)) if codes else 0
         errors = n - ok if m else n
-        return {"requests": n, "ok": ok, "errors": errors, "wall_s": round(wall, 2),
-                "rps": round(n / wall), "cpu_s": round(cpu, 3),
-                "cpu_s_per_1000": round(cpu * 1000 / n, 4) if proxy.proc else None}
+        return {
+            "requests": n,
+            "ok": ok,
+            "errors": errors,
+            "wall_s": round(wall, 2),
+            "rps": round(n / wall),
+            "cpu_s": round(cpu, 3),
+            "cpu_s_per_1000": round(cpu * 1000 / n, 4) if proxy.proc else None,
+        }
 
     # -------------------------------------------------------------- scenarios
 
@@ -173,10 +214,18 @@ class Bench:
 
     def s5(self, proxy: Proxy) -> None:
         """One stream at a time, 20 chunks, no delay: time to first event."""
-        st = self.streams(proxy, chunks=20, delay=0, concurrency=1, total=self.plan.s5_streams, deadline=60)
-        self.record("S5", proxy.name, streams=st.completed, errors=st.error_count,
-                    ttfe_p50_ms=_ms(pct(st.ttfe, 0.5)), ttfe_p99_ms=_ms(pct(st.ttfe, 0.99)),
-                    ttfe_mean_ms=_ms(statistics.fmean(st.ttfe)) if st.ttfe else None)
+        st = self.streams(
+            proxy, chunks=20, delay=0, concurrency=1, total=self.plan.s5_streams, deadline=60
+        )
+        self.record(
+            "S5",
+            proxy.name,
+            streams=st.completed,
+            errors=st.error_count,
+            ttfe_p50_ms=_ms(pct(st.ttfe, 0.5)),
+            ttfe_p99_ms=_ms(pct(st.ttfe, 0.99)),
+            ttfe_mean_ms=_ms(statistics.fmean(st.ttfe)) if st.ttfe else None,
+        )
 
     def s1(self, proxy: Proxy) -> None:
         """20-chunk streams, no delay, 64 concurrent (h2load): CPU per 1000 streams."""
@@ -189,13 +238,27 @@ class Bench:
     def s2(self, proxy: Proxy) -> None:
         """500 concurrent streams of 200 chunks every 20 ms: gap p99 and errors."""
         cpu0 = proxy.cpu()
-        st = self.streams(proxy, chunks=200, delay=0.02, concurrency=500,
-                          total=self.plan.s2_streams, deadline=120, gaps=True)
-        self.record("S2", proxy.name, streams=st.completed, errors=st.error_count,
-                    gap_p50_ms=_ms(pct(st.gaps, 0.5)), gap_p99_ms=_ms(pct(st.gaps, 0.99)),
-                    gap_max_ms=_ms(max(st.gaps, default=0.0)), events=st.events,
-                    cpu_s=round(proxy.cpu() - cpu0, 2) if proxy.proc else None,
-                    error_kinds=dict(st.errors))
+        st = self.streams(
+            proxy,
+            chunks=200,
+            delay=0.02,
+            concurrency=500,
+            total=self.plan.s2_streams,
+            deadline=120,
+            gaps=True,
+        )
+        self.record(
+            "S2",
+            proxy.name,
+            streams=st.completed,
+            errors=st.error_count,
+            gap_p50_ms=_ms(pct(st.gaps, 0.5)),
+            gap_p99_ms=_ms(pct(st.gaps, 0.99)),
+            gap_max_ms=_ms(max(st.gaps, default=0.0)),
+            events=st.events,
+            cpu_s=round(proxy.cpu() - cpu0, 2) if proxy.proc else None,
+            error_kinds=dict(st.errors),
+        )
 
     def s3(self, proxy: Proxy) -> None:
         """2000 concurrent streams at one event a second, fresh process: RSS per stream."""
@@ -211,12 +274,25 @@ class Bench:
             if st.first_events >= n and not held[0]:
                 held[0] = time.perf_counter()
 
-        st = self.streams(proxy, chunks=self.plan.s3_events, delay=1.0, concurrency=n, total=n,
-                          deadline=self.plan.s3_events + 60, during=sample)
-        self.record("S3", proxy.name, streams=st.completed, errors=st.error_count,
-                    rss_base_mb=round(base / 2**20, 1), rss_peak_mb=round(peak[0] / 2**20, 1),
-                    rss_per_stream_kb=round((peak[0] - base) / n / 1024, 1),
-                    error_kinds=dict(st.errors))
+        st = self.streams(
+            proxy,
+            chunks=self.plan.s3_events,
+            delay=1.0,
+            concurrency=n,
+            total=n,
+            deadline=self.plan.s3_events + 60,
+            during=sample,
+        )
+        self.record(
+            "S3",
+            proxy.name,
+            streams=st.completed,
+            errors=st.error_count,
+            rss_base_mb=round(base / 2**20, 1),
+            rss_peak_mb=round(peak[0] / 2**20, 1),
+            rss_per_stream_kb=round((peak[0] - base) / n / 1024, 1),
+            error_kinds=dict(st.errors),
+        )
 
     def s6(self, proxy: Proxy) -> None:
         """8,000 concurrent slow streams on one process: all complete."""
@@ -227,12 +303,26 @@ class Bench:
             peak[0] = max(peak[0], st.first_events - st.completed - st.error_count)
 
         cpu0 = proxy.cpu()
-        st = self.streams(proxy, chunks=self.plan.s6_events, delay=1.0, concurrency=n, total=n,
-                          deadline=self.plan.s6_events + 120, during=sample)
-        self.record("S6", proxy.name, streams=st.completed, errors=st.error_count,
-                    peak_concurrent=peak[0], wall_s=round(st.wall, 1),
-                    rss_peak_mb=round(proxy.rss() / 2**20, 1) if proxy.proc else None,
-                    cpu_s=round(proxy.cpu() - cpu0, 2), error_kinds=dict(st.errors))
+        st = self.streams(
+            proxy,
+            chunks=self.plan.s6_events,
+            delay=1.0,
+            concurrency=n,
+            total=n,
+            deadline=self.plan.s6_events + 120,
+            during=sample,
+        )
+        self.record(
+            "S6",
+            proxy.name,
+            streams=st.completed,
+            errors=st.error_count,
+            peak_concurrent=peak[0],
+            wall_s=round(st.wall, 1),
+            rss_peak_mb=round(proxy.rss() / 2**20, 1) if proxy.proc else None,
+            cpu_s=round(proxy.cpu() - cpu0, 2),
+            error_kinds=dict(st.errors),
+        )
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -274,8 +364,18 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for scenario, metric, label, kind, bound in TARGETS:
         r = results.get(scenario, {})
         gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
-        row: dict[str, Any] = {"scenario": scenario, "metric": label, "gateway": gw, "nginx": ng, "direct": dr}
-        ratio = gw / ng if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng else None
+        row: dict[str, Any] = {
+            "scenario": scenario,
+            "metric": label,
+            "gateway": gw,
+            "nginx": ng,
+            "direct": dr,
+        }
+        ratio = (
+            gw / ng
+            if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng
+            else None
+        )
         row["ratio"] = ratio
         if kind == "ratio":
             row["target"] = f"<= {bound:g}x nginx"
@@ -300,9 +400,23 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for scenario, metric, label in INFO:
         r = results.get(scenario, {})
         gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
-        ratio = gw / ng if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng else None
-        rows.append({"scenario": scenario, "metric": label, "gateway": gw, "nginx": ng,
-                     "direct": dr, "ratio": ratio, "target": "", "met": None})
+        ratio = (
+            gw / ng
+            if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng
+            else None
+        )
+        rows.append(
+            {
+                "scenario": scenario,
+                "metric": label,
+                "gateway": gw,
+                "nginx": ng,
+                "direct": dr,
+                "ratio": ratio,
+                "target": "",
+                "met": None,
+            }
+        )
     return rows
 
 
@@ -322,10 +436,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "added" in r and r["added"] is not None:
             extra = f" (+{r['added']:.3f} vs direct; nginx +{r['nginx_added']:.3f})"
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        body.append([r["scenario"], r["metric"], cell(r["gateway"]), cell(r["nginx"]), cell(r["direct"]),
-                     (f"{ratio:.2f}x" if ratio is not None else "-"), r["target"] + extra, met])
+        body.append(
+            [
+                r["scenario"],
+                r["metric"],
+                cell(r["gateway"]),
+                cell(r["nginx"]),
+                cell(r["direct"]),
+                (f"{ratio:.2f}x" if ratio is not None else "-"),
+                r["target"] + extra,
+                met,
+            ]
+        )
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [head, *body]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -356,8 +483,12 @@ def main() -> int:
         doc = {
             "plan": "quick" if args.quick else "full",
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "kernel": platform.release(), "load_avg": os.getloadavg()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+                "load_avg": os.getloadavg(),
+            },
             "nginx_site": bench.nginx_source,
             "seconds": round(time.perf_counter() - t0, 1),
             "results": results,
@@ -365,8 +496,10 @@ def main() -> int:
         }
         out.write_text(json.dumps(doc, indent=2, default=str))
     print()
-    print(f"gateway vs nginx ({bench.nginx_source}) vs direct; "
-          f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}")
+    print(
+        f"gateway vs nginx ({bench.nginx_source}) vs direct; "
+        f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}"
+    )
     print(table(rows))
     print(f"\nJSON: {out}")
     return 0

@@ -189,9 +189,7 @@ async def run_streams(
 
     async def connect() -> _Conn:
         async with connecting:
-            _, proto = await loop.create_connection(
-                lambda: _Conn(stats, record_gaps), host, port
-            )
+            _, proto = await loop.create_connection(lambda: _Conn(stats, record_gaps), host, port)
         conns.append(proto)
         return proto
 

@@ -29,6 +29,7 @@ _SSE_HEAD = (
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
 _LAST_CHUNK = b"0\r\n\r\n"
+_NOT_FOUND = b'{"error":{"message":"not found","type":"invalid_request_error","code":null}}'
 MAX_HEAD = 64 << 10
 
 
@@ -38,12 +39,24 @@ def _chunk(payload: bytes) -> bytes:
 
 def sse_frames(chunks: int, usage: bool) -> list[bytes]:
     """One stream's chunked-encoded events, the way the bundled mock shapes them."""
-    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
-    deltas = [{"role": "assistant", "content": ""}] + [{"content": f" word{i}"} for i in range(chunks)]
+    base = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "bench",
+    }
+    deltas = [{"role": "assistant", "content": ""}] + [
+        {"content": f" word{i}"} for i in range(chunks)
+    ]
     events = []
     for i, delta in enumerate([*deltas, {}]):
         last = i == len(deltas)
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop" if last else None}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": "stop" if last else None,
+        }
         chunk: dict[str, object] = {**base, "choices": [choice]}
         if usage:
             chunk["usage"] = None
@@ -57,18 +70,26 @@ def sse_frames(chunks: int, usage: bool) -> list[bytes]:
 
 def json_answer(chunks: int) -> bytes:
     message = {"role": "assistant", "content": "".join(f" word{i}" for i in range(chunks))}
-    body = orjson.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks},
-    })
+    body = orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "bench",
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks},
+        }
+    )
     return _answer(200, body)
 
 
 def _answer(status: int, body: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, len(body), body)
+    return b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
     )
 
 
@@ -148,7 +169,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if target.startswith(b"get /v1/models"):
                 t.write(self._cache.models)
             elif not target.startswith(b"post /v1/chat/completions"):
-                t.write(_answer(404, b'{"error":{"message":"not found","type":"invalid_request_error","code":null}}'))
+                t.write(_answer(404, _NOT_FOUND))
             elif _STREAM.search(body) is None:
                 t.write(self._cache.answer(chunks))
             else:
