@@ -111,6 +111,10 @@ class Metrics:
             (c, k): self.tokens.labels(c, k) for c in (*self._clients, "jwt") for k in TOKEN_KINDS
         }
         self._attempts: dict[tuple[str, str], Counter] = {}
+        # requests_total children, bound on first use: routes are the router's few canonical
+        # paths and statuses three digits, so this stays small; a labels() call per request
+        # (lock, label checks) does not.
+        self._requests: dict[tuple[str, int], Counter] = {}
         self._breakers: dict[str, Gauge] = {}
 
     def bind_upstreams(self, names: list[str]) -> None:
@@ -140,7 +144,10 @@ class Metrics:
         """The tracing middleware's finish hook: one call per request, when it has ended."""
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        self.requests.labels(route, str(ex.status)).inc()
+        child = self._requests.get((route, ex.status))
+        if child is None:
+            child = self._requests[route, ex.status] = self.requests.labels(route, str(ex.status))
+        child.inc()
         self.duration.observe(now - ex.started)
         if ex.ttfb is not None:
             self.ttfb.observe(ex.ttfb - ex.started)
