@@ -1,6 +1,6 @@
 """Cost of auth and throttling per request, and limiter memory under a flood of IPs.
 
-Run: python -m tests.bench_limits
+Run: python -m tests.bench.limits
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How fast an open breaker answers 503: `/tmp/venv0/bin/python -m tests.bench_breaker`.
+"""How fast an open breaker answers 503: `python -m tests.bench.breaker`.
 
 Client round trip on a keep-alive connection; the upstream must receive nothing.
 """
