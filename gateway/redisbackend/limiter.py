@@ -1,0 +1,235 @@
+"""`LimiterBackend` on Redis: every instance pointed at one Redis shares the limits.
+
+Each check is one Lua script call, so it is atomic and costs one round trip. Scripts read
+Redis' own clock (`TIME`), so instances whose clocks disagree still agree on the limit. The
+GCRA scripts return the stored TAT and `now` they used; the `Decision` is then built by the
+same sans-IO functions the memory backend calls (`gateway.ratelimit`), over the same doubles,
+so both backends answer a given history identically.
+
+Concurrency slots are leases in a sorted set per key (member: lease id, score: expiry in
+ms). A lease lives `lease_ttl` seconds and is renewed by this process while it is held (one
+pipelined round trip every `lease_ttl / 3` for all leases), so the slots of an instance that
+died come back within `lease_ttl`. Renewing re-adds a lease that is missing, so after a
+Redis restart the held slots are counted again from the next renewal.
+
+Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
+outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+
+import structlog
+from redis.exceptions import RedisError
+
+from ..ratelimit import Decision, Rate, debt, gcra
+from .connection import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+
+log = structlog.get_logger("gateway.redis")
+
+PREFIX = "gw:lim:"
+
+# The stored TAT and Redis' now, as exact decimal doubles ("%.17g" round-trips).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# KEYS[1] tat key; ARGV interval, tolerance, cost. Returns {allowed, now, tat_before}.
+# Same formula as ratelimit.gcra: tat' = max(tat, now) + cost*T; admit when tat' - now <= tau.
+_HIT = _NOW + """
+local interval, tolerance, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local raw = redis.call('GET', KEYS[1])
+local tat = tonumber(raw)
+local base = now
+if tat ~= nil and tat >= now then base = tat end
+local new_tat = base + cost * interval
+local lead = new_tat - now
+if lead > tolerance + 1e-9 then
+  return {0, string.format('%.17g', now), raw or ''}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil(lead * 1000) + 1)
+return {1, string.format('%.17g', now), raw or ''}
+"""
+
+# KEYS[1] tat key. Returns {now, tat}.
+_PEEK = _NOW + """
+return {string.format('%.17g', now), redis.call('GET', KEYS[1]) or ''}
+"""
+
+# KEYS[1] tat key; ARGV interval, cost. Counts units already spent; never refuses.
+_CHARGE = _NOW + """
+local tat = tonumber(redis.call('GET', KEYS[1]))
+local base = now
+if tat ~= nil and tat >= now then base = tat end
+local new_tat = base + tonumber(ARGV[2]) * tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
+return 1
+"""
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function keep(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+# KEYS[1] lease zset; ARGV limit, ttl_ms, lease. Expired leases are dropped first.
+_ACQUIRE = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+keep(KEYS[1], ttl)
+return 1
+"""
+
+# KEYS lease zsets; ARGV ttl_ms, then one lease id per key. Re-adds a missing lease.
+_RENEW = _NOW_MS + """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  keep(key, ttl)
+end
+return #KEYS
+"""
+
+
+def _f(x: float) -> str:
+    return repr(float(x))  # shortest exact decimal: Lua's tonumber reads the same double
+
+
+def _tat(raw: bytes | str) -> float | None:
+    return float(raw) if raw else None
+
+
+@dataclass(slots=True)
+class _Held:
+    key: str
+    deadline: float  # monotonic: the caller's ttl; not renewed past it
+
+
+class RedisLimiter:
+    """`gateway.limits.LimiterBackend` shared through Redis."""
+
+    def __init__(self, conn: RedisConnection, *, fail_open: bool, lease_ttl: float) -> None:
+        self._conn = conn
+        self._fail_open = fail_open
+        self.lease_ttl = lease_ttl
+        r = conn.cmd
+        self._hit = r.register_script(_HIT)
+        self._peek = r.register_script(_PEEK)
+        self._charge = r.register_script(_CHARGE)
+        self._acquire = r.register_script(_ACQUIRE)
+        self._renew = r.register_script(_RENEW)
+        self._held: dict[str, _Held] = {}  # lease id -> where it is held
+        self._renewer: asyncio.Task[None] | None = None
+
+    def _error(self, exc: BaseException, what: str) -> None:
+        """Apply the failure policy: return (admit) when open, raise 503 when closed."""
+        if isinstance(exc, CONNECTION_ERRORS):
+            self._conn.failed(exc)
+        else:
+            log.warning("redis_error", op=what, error=str(exc))
+        if not self._fail_open:
+            raise RedisUnavailable("Rate limits are unavailable: Redis is unreachable") from exc
+
+    async def hit(self, key: str, rate: Rate, cost: int = 1) -> Decision:
+        try:
+            _ok, now, raw = await self._hit(
+                keys=[PREFIX + key], args=[_f(rate.interval), _f(rate.tolerance), cost]
+            )
+        except (RedisError, OSError) as exc:
+            self._error(exc, "hit")
+            return Decision(True, rate.limit, rate.capacity, 0.0, 0.0)
+        return gcra(_tat(raw), float(now), rate, cost)[0]
+
+    async def debt(self, key: str, rate: Rate) -> Decision:
+        try:
+            now, raw = await self._peek(keys=[PREFIX + key])
+        except (RedisError, OSError) as exc:
+            self._error(exc, "debt")
+            return Decision(True, rate.limit, rate.capacity, 0.0, 0.0)
+        return debt(_tat(raw), float(now), rate)
+
+    async def charge(self, key: str, rate: Rate, cost: int) -> None:
+        if cost <= 0:
+            return
+        try:
+            await self._charge(keys=[PREFIX + key], args=[_f(rate.interval), cost])
+        except (RedisError, OSError) as exc:
+            with contextlib.suppress(RedisUnavailable):  # after the fact: nothing to refuse
+                self._error(exc, "charge")
+
+    async def slot_acquire(self, key: str, limit: int, ttl: float) -> str | None:
+        lease = secrets.token_hex(16)
+        ttl_ms = max(1, int(min(ttl, self.lease_ttl) * 1000))
+        try:
+            got = await self._acquire(keys=[PREFIX + key], args=[limit, ttl_ms, lease])
+        except (RedisError, OSError) as exc:
+            self._error(exc, "slot_acquire")
+            return lease  # fail open: an unrecorded lease, released as a no-op
+        if not got:
+            return None
+        self._held[lease] = _Held(PREFIX + key, time.monotonic() + ttl)
+        self._ensure_renewer()
+        return lease
+
+    async def slot_release(self, key: str, lease: str) -> None:
+        self._held.pop(lease, None)
+        try:
+            await self._conn.cmd.zrem(PREFIX + key, lease)
+        except (RedisError, OSError) as exc:
+            # The lease expires by itself within lease_ttl; nothing to refuse.
+            if isinstance(exc, CONNECTION_ERRORS):
+                self._conn.failed(exc)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_loop(), name="redis-lease-renewer"
+            )
+
+    async def _renew_loop(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease_ttl / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Extend every lease this process holds (one round trip)."""
+        now = time.monotonic()
+        for lease in [lease for lease, h in self._held.items() if h.deadline <= now]:
+            del self._held[lease]  # the caller's ttl ran out: let it expire
+        if not self._held:
+            return
+        leases = list(self._held.items())
+        ttl_ms = int(self.lease_ttl * 1000)
+        try:
+            await self._renew(
+                keys=[h.key for _, h in leases], args=[ttl_ms, *(lease for lease, _ in leases)]
+            )
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, CONNECTION_ERRORS):
+                self._conn.failed(exc)
+            else:
+                log.warning("redis_error", op="renew", error=str(exc))
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        held, self._held = self._held, {}
+        if held:
+            # Give the slots back now rather than after lease_ttl (a clean stop).
+            with contextlib.suppress(RedisError, OSError):
+                pipe = self._conn.cmd.pipeline(transaction=False)
+                for lease, h in held.items():
+                    pipe.zrem(h.key, lease)
+                await pipe.execute()
