@@ -72,6 +72,7 @@ class RedisConnection:
         self._checked = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closed = False
 
     async def start(self) -> None:
         """Check Redis once (log if it is down) and start the monitor. Never raises:
@@ -86,6 +87,10 @@ class RedisConnection:
         self._monitor = asyncio.get_running_loop().create_task(self._run(), name="redis-monitor")
 
     async def close(self) -> None:
+        # The flag as well as cancel(): on Python 3.11 a cancel that lands as asyncio.timeout
+        # expires can be swallowed by it; the loop then still ends at its next turn.
+        self._closed = True
+        self._wake.set()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -123,9 +128,10 @@ class RedisConnection:
             self.ok()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self._probe()
+            if not self._closed:
+                await self._probe()

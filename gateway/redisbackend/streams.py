@@ -172,6 +172,7 @@ class RedisEventLog:
         self._owned: set[str] = set()  # streams whose generation runs in this process
         self._ended: dict[str, asyncio.Event] = {}  # streams someone here awaits the end of
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +185,7 @@ class RedisEventLog:
         ]
 
     async def close(self) -> None:
+        self._closed = True  # see RedisConnection.close: a cancel can be swallowed on 3.11
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -293,12 +295,12 @@ class RedisEventLog:
 
     async def _listen(self) -> None:
         """Learn of every end (a DELETE on any instance) from the channel, reconnecting."""
-        while True:
+        while not self._closed:
             pubsub = self._conn.block.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
-                while True:
-                    msg = await pubsub.get_message(timeout=self.lease_ttl)
+                while not self._closed:
+                    msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg["type"] == "message":
                         sid = msg["data"].decode()
                         if sid in self._ended or sid in self._owned:
@@ -311,7 +313,7 @@ class RedisEventLog:
             await asyncio.sleep(self._conn.interval)
 
     async def _renew_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.lease_ttl / 3)
             await self.renew()
 
