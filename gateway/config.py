@@ -188,6 +188,9 @@ class LimitsConfig:
     redis_url: str = _check(_redis_url, "redis://127.0.0.1:6379/0")
     per_ip_rpm: int = _check(_at_least(0), 1200)
     on_redis_error: str = _check(_one_of("open", "closed"), "open")
+    # Redis backend: an instance renews its concurrency slots and detached streams' ownership
+    # every lease_ttl / 3 seconds; a crashed instance's are freed lease_ttl seconds later.
+    lease_ttl: float = _check(_positive, 15.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,3 +188,15 @@ async def test_redis_down_refuses_new_streams_with_503(make_log: MakeLog, redis_
     with pytest.raises(RedisUnavailable) as exc:
         await a.create("s1")
     assert exc.value.status == 503
+
+
+async def test_a_following_reader_waits_out_a_redis_outage(make_log: MakeLog, redis_server: RedisServer) -> None:
+    a = await make_log()
+    await a.create("s1")
+    redis_server.stop()
+    with pytest.raises(RedisUnavailable):
+        await a.read("s1", 0, timeout=0)  # a first look: 503
+    batch = await a.read("s1", 0, timeout=0.3)  # following: "nothing yet", no exception
+    assert batch is not None and batch.events == [] and not batch.ended
+    redis_server.start()  # restarted empty: the stream is gone
+    assert await a.read("s1", 0, timeout=2) is None

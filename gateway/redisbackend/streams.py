@@ -238,33 +238,48 @@ class RedisEventLog:
     async def read(
         self, stream_id: str, after: int, *, timeout: float, limit: int = 1000
     ) -> Batch | None:
-        m, l, _o = keys = _keys(stream_id)
+        """See `EventLog.read`. Redis unreachable: a first look (`timeout` 0) raises
+        `RedisUnavailable` (503); a reader already following keeps waiting, retrying until
+        its timeout, and gets "nothing yet": its connection stays open (heartbeats go on) and
+        it resumes when Redis is back, or learns the stream is gone (None)."""
         after = max(after, 0)
         deadline = time.monotonic() + timeout
-        try:
-            while True:
-                pipe = self._conn.cmd.pipeline(transaction=True)
-                pipe.hget(m, "end")
-                pipe.xrange(l, f"{after + 1}-0", "+", count=limit)
-                end, entries = await pipe.execute()
-                if end is None:
-                    return None
-                events = _events(entries)
-                last = events[-1].id if events else after
-                ended = int(end) > 0 and last >= int(end)
+        while True:
+            try:
+                return await self._read(stream_id, after, deadline, limit)
+            except (RedisError, OSError) as exc:
+                self._error(exc, "read")
                 left = deadline - time.monotonic()
-                if events or ended or left <= 0:
-                    return Batch(events, ended)
-                # Wait for the next event, in slices no longer than the owner's lease.
-                block = max(1, int(min(left, self.lease_ttl) * 1000))
-                got = await self._conn.block.xread({l: f"{after}-0"}, count=1, block=block)
-                if not got:
-                    # Silence for a while: is the owner still there? If not, end the log.
-                    args: list[str | int] = [FAIL, OWNER_LOST_DATA, self.end_ttl_ms, CHANNEL, stream_id, "1"]
-                    await self._end(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            self._error(exc, "read")
-            raise RedisUnavailable("Detached streams are unavailable: Redis is unreachable") from exc
+                if timeout <= 0:
+                    raise RedisUnavailable(
+                        "Detached streams are unavailable: Redis is unreachable"
+                    ) from exc
+                if left <= 0:
+                    return Batch([], False)
+                await asyncio.sleep(min(left, self._conn.interval))
+
+    async def _read(self, stream_id: str, after: int, deadline: float, limit: int) -> Batch | None:
+        m, l, _o = keys = _keys(stream_id)
+        while True:
+            pipe = self._conn.cmd.pipeline(transaction=True)
+            pipe.hget(m, "end")
+            pipe.xrange(l, f"{after + 1}-0", "+", count=limit)
+            end, entries = await pipe.execute()
+            if end is None:
+                return None
+            events = _events(entries)
+            last = events[-1].id if events else after
+            ended = int(end) > 0 and last >= int(end)
+            left = deadline - time.monotonic()
+            if events or ended or left <= 0:
+                return Batch(events, ended)
+            # Wait for the next event, in slices no longer than the owner's lease.
+            block = max(1, int(min(left, self.lease_ttl) * 1000))
+            got = await self._conn.block.xread({l: f"{after}-0"}, count=1, block=block)
+            if not got:
+                # Silence for a while: is the owner still there? If not, end the log.
+                args: list[str | int] = [FAIL, OWNER_LOST_DATA, self.end_ttl_ms, CHANNEL, stream_id, "1"]
+                await self._end(keys=keys, args=args)
 
     async def cancel(self, stream_id: str) -> bool:
         args: list[str | int] = [DONE, CANCELLED_DATA, self.end_ttl_ms, CHANNEL, stream_id, "0"]
