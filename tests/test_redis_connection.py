@@ -34,7 +34,9 @@ async def test_down_at_start_logs_one_line_and_is_not_ready() -> None:
     assert "/readyz" in lines[0]["detail"]
 
 
-async def test_reconnects_by_itself_after_a_restart(redis_server: RedisServer, redis_url: str) -> None:
+async def test_reconnects_by_itself_after_a_restart(
+    redis_server: RedisServer, redis_url: str
+) -> None:
     conn = RedisConnection(redis_url, interval=0.05)
     await conn.start()
     try:

@@ -23,7 +23,9 @@ async def make_limiter(redis_url: str) -> AsyncIterator[MakeLimiter]:
     """Limiters on their own connections, as separate gateway instances would have."""
     made: list[tuple[RedisConnection, RedisLimiter]] = []
 
-    async def go(*, fail_open: bool = True, lease_ttl: float = 5.0, url: str = redis_url) -> RedisLimiter:
+    async def go(
+        *, fail_open: bool = True, lease_ttl: float = 5.0, url: str = redis_url
+    ) -> RedisLimiter:
         conn = RedisConnection(url, interval=0.1)
         await conn.start()
         limiter = RedisLimiter(conn, fail_open=fail_open, lease_ttl=lease_ttl)
@@ -62,7 +64,9 @@ async def test_gcra_decisions_match_the_memory_backend(make_limiter: MakeLimiter
         assert r.retry_after == pytest.approx(m.retry_after, abs=0.05)
 
 
-async def test_tpm_charged_after_the_fact_refuses_on_every_instance(make_limiter: MakeLimiter) -> None:
+async def test_tpm_charged_after_the_fact_refuses_on_every_instance(
+    make_limiter: MakeLimiter,
+) -> None:
     a, b = await make_limiter(), await make_limiter()
     rate = tokens_per_minute(1000)
     assert (await b.debt("tpm:alice", rate)).allowed
@@ -116,7 +120,9 @@ async def test_idle_state_expires_in_redis(make_limiter: MakeLimiter, redis_url:
         assert 0 < ttl <= 5000, key
 
 
-async def test_redis_down_fails_open_by_default(make_limiter: MakeLimiter, redis_server: RedisServer) -> None:
+async def test_redis_down_fails_open_by_default(
+    make_limiter: MakeLimiter, redis_server: RedisServer
+) -> None:
     lim = await make_limiter()
     redis_server.stop()
     rate = Rate(limit=1, burst=1)
@@ -130,7 +136,9 @@ async def test_redis_down_fails_open_by_default(make_limiter: MakeLimiter, redis
     assert lim._conn.readiness() == "redis unreachable"
 
 
-async def test_redis_down_fails_closed_when_configured(make_limiter: MakeLimiter, redis_server: RedisServer) -> None:
+async def test_redis_down_fails_closed_when_configured(
+    make_limiter: MakeLimiter, redis_server: RedisServer
+) -> None:
     lim = await make_limiter(fail_open=False)
     redis_server.stop()
     with pytest.raises(RedisUnavailable) as exc:
@@ -141,7 +149,9 @@ async def test_redis_down_fails_closed_when_configured(make_limiter: MakeLimiter
     await lim.charge("tpm:alice", Rate(limit=60), 5)  # after the fact: nothing to refuse
 
 
-async def test_limiter_recovers_after_a_redis_restart(make_limiter: MakeLimiter, redis_server: RedisServer) -> None:
+async def test_limiter_recovers_after_a_redis_restart(
+    make_limiter: MakeLimiter, redis_server: RedisServer
+) -> None:
     a, b = await make_limiter(lease_ttl=0.6), await make_limiter(lease_ttl=0.6)
     assert await a.slot_acquire("conc:alice", 1, ttl=60)
     redis_server.restart()  # every key is gone

@@ -17,7 +17,9 @@ def test_redis_url_is_an_empty_running_server(redis_url: str) -> None:
         r.close()
 
 
-def test_restart_keeps_the_port_and_loses_the_data(redis_server: RedisServer, redis_url: str) -> None:
+def test_restart_keeps_the_port_and_loses_the_data(
+    redis_server: RedisServer, redis_url: str
+) -> None:
     r = redis.Redis.from_url(redis_url)
     try:
         r.set("k", "v")

@@ -26,7 +26,9 @@ async def make_log(redis_url: str) -> AsyncIterator[MakeLog]:
     ) -> RedisEventLog:
         conn = RedisConnection(redis_url, interval=0.1, block_timeout=lease_ttl)
         await conn.start()
-        log = RedisEventLog(conn, max_events=max_events, max_bytes=max_bytes, ttl=ttl, lease_ttl=lease_ttl)
+        log = RedisEventLog(
+            conn, max_events=max_events, max_bytes=max_bytes, ttl=ttl, lease_ttl=lease_ttl
+        )
         log.start()
         made.append((conn, log))
         return log
@@ -37,7 +39,9 @@ async def make_log(redis_url: str) -> AsyncIterator[MakeLog]:
         await conn.close()
 
 
-async def test_events_written_on_one_instance_are_read_after_n_on_another(make_log: MakeLog) -> None:
+async def test_events_written_on_one_instance_are_read_after_n_on_another(
+    make_log: MakeLog,
+) -> None:
     a, b = await make_log(), await make_log()
     await a.create("s1")
     ids = [await a.append("s1", "delta", json.dumps({"content": c})) for c in "abc"]
@@ -45,7 +49,9 @@ async def test_events_written_on_one_instance_are_read_after_n_on_another(make_l
     batch = await b.read("s1", 0, timeout=0)
     assert batch is not None and not batch.ended
     assert [(e.id, e.kind, json.loads(e.data)["content"]) for e in batch.events] == [
-        (1, "delta", "a"), (2, "delta", "b"), (3, "delta", "c"),
+        (1, "delta", "a"),
+        (2, "delta", "b"),
+        (3, "delta", "c"),
     ]
     after2 = await b.read("s1", 2, timeout=0)
     assert after2 is not None and [e.id for e in after2.events] == [3]
@@ -113,7 +119,11 @@ async def test_a_reused_id_is_refused(make_log: MakeLog) -> None:
 
 @pytest.mark.parametrize("bound", ["events", "bytes"])
 async def test_the_log_is_bounded_like_the_memory_log(make_log: MakeLog, bound: str) -> None:
-    limits = {"max_events": 4, "max_bytes": 1 << 20} if bound == "events" else {"max_events": 100, "max_bytes": 40}
+    limits = (
+        {"max_events": 4, "max_bytes": 1 << 20}
+        if bound == "events"
+        else {"max_events": 100, "max_bytes": 40}
+    )
     redis_log = await make_log(**limits)
     memory_log = MemoryEventLog(ttl=60, **limits)
     results = []
@@ -182,7 +192,9 @@ async def test_a_live_owner_keeps_its_stream_through_silence(make_log: MakeLog) 
     assert await owner.append("s1", "delta", '{"content":"x"}') == 1
 
 
-async def test_redis_down_refuses_new_streams_with_503(make_log: MakeLog, redis_server: RedisServer) -> None:
+async def test_redis_down_refuses_new_streams_with_503(
+    make_log: MakeLog, redis_server: RedisServer
+) -> None:
     a = await make_log()
     redis_server.stop()
     with pytest.raises(RedisUnavailable) as exc:
@@ -190,7 +202,9 @@ async def test_redis_down_refuses_new_streams_with_503(make_log: MakeLog, redis_
     assert exc.value.status == 503
 
 
-async def test_a_following_reader_waits_out_a_redis_outage(make_log: MakeLog, redis_server: RedisServer) -> None:
+async def test_a_following_reader_waits_out_a_redis_outage(
+    make_log: MakeLog, redis_server: RedisServer
+) -> None:
     a = await make_log()
     await a.create("s1")
     redis_server.stop()

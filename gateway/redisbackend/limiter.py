@@ -42,7 +42,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 # KEYS[1] tat key; ARGV interval, tolerance, cost. Returns {allowed, now, tat_before}.
 # Same formula as ratelimit.gcra: tat' = max(tat, now) + cost*T; admit when tat' - now <= tau.
-_HIT = _NOW + """
+_HIT = (
+    _NOW
+    + """
 local interval, tolerance, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local raw = redis.call('GET', KEYS[1])
 local tat = tonumber(raw)
@@ -56,21 +58,29 @@ end
 redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil(lead * 1000) + 1)
 return {1, string.format('%.17g', now), raw or ''}
 """
+)
 
 # KEYS[1] tat key. Returns {now, tat}.
-_PEEK = _NOW + """
+_PEEK = (
+    _NOW
+    + """
 return {string.format('%.17g', now), redis.call('GET', KEYS[1]) or ''}
 """
+)
 
 # KEYS[1] tat key; ARGV interval, cost. Counts units already spent; never refuses.
-_CHARGE = _NOW + """
+_CHARGE = (
+    _NOW
+    + """
 local tat = tonumber(redis.call('GET', KEYS[1]))
 local base = now
 if tat ~= nil and tat >= now then base = tat end
 local new_tat = base + tonumber(ARGV[2]) * tonumber(ARGV[1])
-redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
+local px = math.ceil((new_tat - now) * 1000) + 1
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', px)
 return 1
 """
+)
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -81,7 +91,9 @@ end
 """
 
 # KEYS[1] lease zset; ARGV limit, ttl_ms, lease. Expired leases are dropped first.
-_ACQUIRE = _NOW_MS + """
+_ACQUIRE = (
+    _NOW_MS
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local ttl = tonumber(ARGV[2])
@@ -89,9 +101,12 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 keep(KEYS[1], ttl)
 return 1
 """
+)
 
 # KEYS lease zsets; ARGV ttl_ms, then one lease id per key. Re-adds a missing lease.
-_RENEW = _NOW_MS + """
+_RENEW = (
+    _NOW_MS
+    + """
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
   redis.call('ZADD', key, now + ttl, ARGV[i + 1])
@@ -99,6 +114,7 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+)
 
 
 def _f(x: float) -> str:

@@ -81,7 +81,9 @@ return 1
 
 # ARGV kind, data, max_events, max_bytes, end_ttl_ms, channel, id, overflow_data.
 # Returns the event id, or 0 when the log is gone, ended, or ended now by overflow.
-_APPEND = _FINISH + """
+_APPEND = (
+    _FINISH
+    + """
 local st = redis.call('HMGET', KEYS[1], 'n', 'bytes', 'end')
 if not st[1] or tonumber(st[3]) > 0 then return 0 end
 local n, bytes = tonumber(st[1]) + 1, tonumber(st[2]) + #ARGV[2]
@@ -100,10 +102,13 @@ redis.call('HSET', KEYS[1], 'n', n, 'bytes', bytes)
 if n == 1 then redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1])) end
 return n
 """
+)
 
 # ARGV kind, data, end_ttl_ms, channel, id, only_if_ownerless.
 # Returns 0 unknown, 1 ended (now or before), 2 not ended because the owner is alive.
-_END = _FINISH + """
+_END = (
+    _FINISH
+    + """
 local st = redis.call('HMGET', KEYS[1], 'n', 'end')
 if not st[1] then return 0 end
 if tonumber(st[2]) > 0 then return 1 end
@@ -111,6 +116,7 @@ if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 finish(tonumber(st[1]) + 1, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 1
 """
+)
 
 # KEYS m, l, o per stream; ARGV lease_ms, running_ttl_ms, then 1/0 per stream: renew its
 # lease (owned here) or only look. Returns per stream 0 gone, 1 ended, 2 running.
@@ -140,8 +146,7 @@ def _keys(stream_id: str) -> list[str]:
 
 def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Event]:
     return [
-        Event(int(eid.split(b"-", 1)[0]), f[b"k"].decode(), f[b"d"].decode())
-        for eid, f in entries
+        Event(int(eid.split(b"-", 1)[0]), f[b"k"].decode(), f[b"d"].decode()) for eid, f in entries
     ]
 
 
@@ -216,13 +221,24 @@ class RedisEventLog:
             )
         except (RedisError, OSError) as exc:
             self._error(exc, "create")
-            raise RedisUnavailable("Detached streams are unavailable: Redis is unreachable") from exc
+            raise RedisUnavailable(
+                "Detached streams are unavailable: Redis is unreachable"
+            ) from exc
         if not created:
             raise ValueError("stream id already in use")
         self._owned.add(stream_id)
 
     async def append(self, stream_id: str, kind: str, data: str) -> int | None:
-        args: list[str | int] = [kind, data, self.max_events, self.max_bytes, self.end_ttl_ms, CHANNEL, stream_id, OVERFLOW_DATA]
+        args: list[str | int] = [
+            kind,
+            data,
+            self.max_events,
+            self.max_bytes,
+            self.end_ttl_ms,
+            CHANNEL,
+            stream_id,
+            OVERFLOW_DATA,
+        ]
         try:
             n = int(await self._append(keys=_keys(stream_id), args=args))
         except (RedisError, OSError) as exc:
@@ -259,11 +275,11 @@ class RedisEventLog:
                 await asyncio.sleep(min(left, self._conn.interval))
 
     async def _read(self, stream_id: str, after: int, deadline: float, limit: int) -> Batch | None:
-        m, l, _o = keys = _keys(stream_id)
+        meta, events_key, _owner = keys = _keys(stream_id)
         while True:
             pipe = self._conn.cmd.pipeline(transaction=True)
-            pipe.hget(m, "end")
-            pipe.xrange(l, f"{after + 1}-0", "+", count=limit)
+            pipe.hget(meta, "end")
+            pipe.xrange(events_key, f"{after + 1}-0", "+", count=limit)
             end, entries = await pipe.execute()
             if end is None:
                 return None
@@ -275,10 +291,17 @@ class RedisEventLog:
                 return Batch(events, ended)
             # Wait for the next event, in slices no longer than the owner's lease.
             block = max(1, int(min(left, self.lease_ttl) * 1000))
-            got = await self._conn.block.xread({l: f"{after}-0"}, count=1, block=block)
+            got = await self._conn.block.xread({events_key: f"{after}-0"}, count=1, block=block)
             if not got:
                 # Silence for a while: is the owner still there? If not, end the log.
-                args: list[str | int] = [FAIL, OWNER_LOST_DATA, self.end_ttl_ms, CHANNEL, stream_id, "1"]
+                args: list[str | int] = [
+                    FAIL,
+                    OWNER_LOST_DATA,
+                    self.end_ttl_ms,
+                    CHANNEL,
+                    stream_id,
+                    "1",
+                ]
                 await self._end(keys=keys, args=args)
 
     async def cancel(self, stream_id: str) -> bool:
@@ -287,7 +310,9 @@ class RedisEventLog:
             known = int(await self._end(keys=_keys(stream_id), args=args))
         except (RedisError, OSError) as exc:
             self._error(exc, "cancel")
-            raise RedisUnavailable("Detached streams are unavailable: Redis is unreachable") from exc
+            raise RedisUnavailable(
+                "Detached streams are unavailable: Redis is unreachable"
+            ) from exc
         if known:
             self._mark_ended(stream_id)
         return known != 0
@@ -298,7 +323,9 @@ class RedisEventLog:
             ev = self._ended[stream_id] = asyncio.Event()
             # Registered first, then checked: an end published in between is not lost.
             try:
-                state = await self._renew(keys=_keys(stream_id), args=[self.lease_ms, self.running_ttl_ms, "0"])
+                state = await self._renew(
+                    keys=_keys(stream_id), args=[self.lease_ms, self.running_ttl_ms, "0"]
+                )
             except (RedisError, OSError) as exc:
                 self._error(exc, "wait_ended")  # the renew loop keeps looking
             else:
