@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload status logs uninstall-service bench bench-quick
+	install-service reload status logs uninstall-service bench bench-quick bench-redis
 
 install: $(VENV)/.installed
 
@@ -42,11 +42,18 @@ test: install
 
 # Gateway vs nginx vs direct on loopback: one table, JSON in build/bench.json. bench-quick < 2 min.
 # Installs h2load (nghttp2-client) and nginx with apt-get when they are missing.
+# Then the Redis backend's added latency per request (p50, p99) beside the memory backend's
+# (bench-redis alone; needs redis-server).
 bench: install
 	$(PY) -m tests.bench.run
+	$(PY) -m tests.bench.redis_latency
 
 bench-quick: install
 	$(PY) -m tests.bench.run --quick
+	$(PY) -m tests.bench.redis_latency --requests 500
+
+bench-redis: install
+	$(PY) -m tests.bench.redis_latency
 
 lint: install
 	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
