@@ -23,6 +23,7 @@ from .middlewares.ipthrottle import make_ip_throttle_middleware
 from .middlewares.throttle import make_client_throttle_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
 from .policy import PolicyHolder
+from .redisbackend.ctx import redis_backend
 from .reload import Reloaders
 from .state import (
     CONFIG,
@@ -97,10 +98,8 @@ def create_app(cfg: Config) -> web.Application:
     )
     app[CONFIG] = cfg
     app[POLICY] = policy
-    app[LIMITER] = MemoryLimiter()
     app[READINESS] = ReadinessChecks()
     app[METRICS] = metrics = Metrics(cfg)
-    app[USAGE] = MemoryUsage()
     accounting = Accounting()
     # Called when each request has ended (see the tracing middleware).
     finishers: list[Finisher] = [metrics.finished, accounting.finished]
@@ -109,6 +108,13 @@ def create_app(cfg: Config) -> web.Application:
     app[READINESS].add("draining", drain.readiness)
     app[RELOADERS] = Reloaders(cfg)
     app[RELOADERS].add("policy", policy.prepare_reload)
+    if cfg.limits.backend == "redis":
+        # Limits, usage and detached streams shared by every instance on that Redis. First,
+        # so it closes last, after everything that uses it.
+        app.cleanup_ctx.append(redis_backend)
+    else:
+        app[LIMITER] = MemoryLimiter()
+        app[USAGE] = MemoryUsage()
     app.cleanup_ctx.append(_http_session)
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(headers.on_prepare)
