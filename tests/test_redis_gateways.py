@@ -1,0 +1,357 @@
+"""Several gateway instances on one real Redis (`[limits].backend = "redis"`), over real
+sockets: shared rpm and max_concurrent, a killed instance's slots coming back, Redis down at
+start, Redis restarted mid-run, and the failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from tests.conftest import (
+    TEST_KEY,
+    TEST_KEY_SHA,
+    UPSTREAM_KEY,
+    Gateway,
+    GatewayFactory,
+    StartUpstream,
+    Upstream,
+    _toml,
+    chat_body,
+)
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).parent.parent
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+CHUNK = (
+    b'data: {"id":"c","object":"chat.completion.chunk",'
+    b'"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+)
+END = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\ndata: [DONE]\n\n'
+)
+
+
+def key(**limits: Any) -> list[dict[str, Any]]:
+    return [{"client": "tester", "sha256": TEST_KEY_SHA, "rpm": 0, "max_concurrent": 0, **limits}]
+
+
+def redis_limits(url: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "redis", "redis_url": url, "per_ip_rpm": 0, **extra}
+
+
+async def until(pred: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> float:
+    """Poll `pred` (sync or async) until true; returns the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        got = pred()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return loop.time() - start
+        assert loop.time() - start < timeout, "condition never held"
+        await asyncio.sleep(every)
+
+
+class Gates:
+    """Upstream streams that send one chunk, then wait for their gate (x-gate header)."""
+
+    def __init__(self) -> None:
+        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def app(self) -> web.Application:
+        async def chat(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            if not body.get("stream"):
+                return web.json_response(
+                    {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                              "total_tokens": 2}}
+                )
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(CHUNK)
+            await self.gates[request.headers.get("x-gate", "")].wait()
+            await resp.write(END)
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+    def open_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+
+@pytest.fixture
+async def gates(start_upstream: StartUpstream) -> AsyncIterator[tuple[Gates, Upstream]]:
+    g = Gates()
+    up = await start_upstream(g.app())
+    yield g, up
+    g.open_all()
+
+
+async def open_stream(http: aiohttp.ClientSession, url: str, gate: str) -> aiohttp.ClientResponse:
+    resp = await http.post(
+        f"{url}/v1/chat/completions", json=chat_body(), headers={**AUTH, "x-gate": gate}
+    )
+    if resp.status == 200:
+        assert (await resp.content.readline()).startswith(b"data: ")  # the stream is live
+    return resp
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.post(
+        f"{url}/v1/chat/completions", json=chat_body(stream=False), headers=AUTH
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def ready(http: aiohttp.ClientSession, gw: Gateway) -> bool:
+    async with http.get(f"{gw.url}/readyz") as r:
+        await r.read()
+        return r.status == 200
+
+
+async def admitted(http: aiohttp.ClientSession, url: str) -> bool:
+    return await status_of(http, url) == 200
+
+
+# ------------------------------------------------------------------------- shared limits
+
+
+async def test_two_instances_share_one_rpm_budget(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
+    a = await gateway_factory(upstream.url, keys=key(rpm=60, burst=3), **sections)
+    b = await gateway_factory(upstream.url, keys=key(rpm=60, burst=3), **sections)
+    remaining = []
+    for gw in (a, b, a):
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(), headers=AUTH) as r:
+            assert r.status == 200
+            remaining.append(r.headers["x-ratelimit-remaining-requests"])
+            await r.read()
+    assert remaining == ["2", "1", "0"]  # one budget, counted on both instances
+    async with http.post(f"{b.url}/v1/chat/completions", json=chat_body(), headers=AUTH) as r:
+        assert r.status == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["type"] == "rate_limit_error"
+
+
+async def test_two_instances_share_max_concurrent(
+    gateway_factory: GatewayFactory, gates: tuple[Gates, Upstream], redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    g, up = gates
+    sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
+    a = await gateway_factory(up.url, keys=key(max_concurrent=2), **sections)
+    b = await gateway_factory(up.url, keys=key(max_concurrent=2), **sections)
+    s1 = await open_stream(http, a.url, "1")
+    s2 = await open_stream(http, b.url, "2")
+    assert (s1.status, s2.status) == (200, 200)
+    s3 = await open_stream(http, a.url, "3")
+    assert s3.status == 429 and int(s3.headers["Retry-After"]) >= 1
+    s3.close()
+    g.gates["2"].set()  # the stream on B ends: its slot is free for either instance
+    assert (await s2.read()).endswith(b"data: [DONE]\n\n")
+    s4: list[aiohttp.ClientResponse] = []
+
+    async def admitted() -> bool:
+        r = await open_stream(http, a.url, "4")
+        if r.status != 200:
+            r.close()
+            return False
+        s4.append(r)
+        return True
+
+    await until(admitted, timeout=5, every=0.05)
+    for r in (s1, s2, *s4):
+        r.close()
+
+
+# ------------------------------------------------------------- a killed instance's slots
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], str]]]:
+    """`python -m gateway serve --config F` as a real process; killed at the end if alive."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def go(config_text: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = _free_port()
+        cfg = tmp_path / f"gateway-{len(procs)}.toml"
+        cfg.write_text(config_text.replace("port = 0", f"port = {port}"))
+        with (tmp_path / f"gateway-{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
+            )
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / f"gateway-{len(procs) - 1}.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway process never listened"
+                time.sleep(0.05)
+        return proc, f"http://127.0.0.1:{port}"
+
+    yield go
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+
+
+def config_text(upstream_url: str, **sections: dict[str, Any]) -> str:
+    """The TOML of `tests.conftest.make_config` for a process: one key, one upstream."""
+    base: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},
+        "logging": {"level": "warning", "format": "json"},
+    }
+    keys = sections.pop("keys")
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+    for k in keys:
+        lines.append("[[auth.keys]]")
+        lines.extend(f"{a} = {_toml(b)}" for a, b in k.items())
+    lines.append("[[upstreams]]")
+    upstream = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY}
+    lines.extend(f"{a} = {_toml(b)}" for a, b in upstream.items())
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_killed_instances_slots_come_back_within_the_lease(
+    gateway_factory: GatewayFactory, gates: tuple[Gates, Upstream], redis_url: str,
+    http: aiohttp.ClientSession,
+    serve_process: Callable[[str], tuple[subprocess.Popen[bytes], str]],
+) -> None:
+    _, up = gates
+    lease = 2.0
+    sections: dict[str, Any] = {
+        "auth": {"mode": "keys"},
+        "limits": redis_limits(redis_url, lease_ttl=lease),
+        "keys": key(max_concurrent=1),
+    }
+    proc, url = serve_process(config_text(up.url, **sections))
+    b = await gateway_factory(up.url, **sections)
+    held = await open_stream(http, url, "held-forever")  # the process holds the one slot
+    assert held.status == 200
+    await asyncio.sleep(lease)  # past one lease: only the process's renewals keep it
+    assert await status_of(http, b.url) == 429
+    proc.send_signal(signal.SIGKILL)  # no release, no cleanup: a crash
+    proc.wait(timeout=10)
+    killed = time.monotonic()
+    assert await status_of(http, b.url) == 429  # still held: the lease has not run out
+    await until(lambda: admitted(http, b.url), timeout=lease + 5, every=0.1)
+    assert time.monotonic() - killed <= lease + 1.5
+    held.close()
+
+
+# ------------------------------------------------------------------- Redis comes and goes
+
+
+async def test_redis_down_at_start_is_not_ready_then_recovers_without_restart(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    redis_server.stop()
+    with capture_logs() as logs:
+        gw = await gateway_factory(
+            upstream.url, auth={"mode": "keys"}, keys=key(rpm=60, burst=1),
+            limits=redis_limits(redis_url),
+        )
+    down = [e for e in logs if e["event"] == "redis_unreachable"]
+    assert len(down) == 1 and "/readyz" in down[0]["detail"]
+    async with http.get(f"{gw.url}/readyz") as r:
+        assert r.status == 503
+        assert "redis unreachable" in (await r.json())["reasons"]
+    assert await status_of(http, gw.url) == 200  # limits fail open
+    assert await status_of(http, gw.url) == 200  # (rpm 60 burst 1 would refuse this one)
+    redis_server.start()
+    await until(lambda: ready(http, gw), timeout=10, every=0.1)
+    assert await status_of(http, gw.url) == 200
+    assert await status_of(http, gw.url) == 429  # limits enforced again, through Redis
+
+
+async def test_redis_restarted_mid_run_gateways_recover_and_share_again(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
+    a = await gateway_factory(upstream.url, keys=key(rpm=60, burst=2), **sections)
+    b = await gateway_factory(upstream.url, keys=key(rpm=60, burst=2), **sections)
+    assert [await status_of(http, gw.url) for gw in (a, b, a)] == [200, 200, 429]
+    redis_server.restart()  # every key is gone; pooled connections are dead
+    # No gateway restart: the next requests reconnect, and the budget is shared again.
+    assert [await status_of(http, gw.url) for gw in (b, a, b)] == [200, 200, 429]
+    for gw in (a, b):
+        await until(lambda gw=gw: ready(http, gw), timeout=5)
+
+
+async def test_on_redis_error_closed_refuses_with_503(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(
+        upstream.url, auth={"mode": "keys"}, keys=key(rpm=600),
+        limits=redis_limits(redis_url, on_redis_error="closed"),
+    )
+    assert await status_of(http, gw.url) == 200
+    redis_server.stop()
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=AUTH
+    ) as r:
+        assert r.status == 503
+        body = await r.json()
+        assert body["error"]["type"] == "service_unavailable"
+        assert body["error"]["code"] == "redis_unavailable"
+
+
+async def test_a_running_relay_is_not_cut_when_redis_goes_away(
+    gateway_factory: GatewayFactory, gates: tuple[Gates, Upstream], redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    g, up = gates
+    gw = await gateway_factory(
+        up.url, auth={"mode": "keys"}, keys=key(rpm=600, tpm=100000, max_concurrent=4),
+        limits=redis_limits(redis_url),
+    )
+    stream = await open_stream(http, gw.url, "s")
+    assert stream.status == 200
+    redis_server.stop()
+    g.gates["s"].set()  # the rest arrives with Redis gone: tpm charge and release fail
+    rest = await stream.read()
+    assert rest.endswith(b"data: [DONE]\n\n") and b"error" not in rest
+    assert await status_of(http, gw.url) == 200  # and new requests fail open
