@@ -355,3 +355,35 @@ async def test_a_running_relay_is_not_cut_when_redis_goes_away(
     rest = await stream.read()
     assert rest.endswith(b"data: [DONE]\n\n") and b"error" not in rest
     assert await status_of(http, gw.url) == 200  # and new requests fail open
+
+
+# ---------------------------------------------------------------------------- usage totals
+
+
+async def usage_of(http: aiohttp.ClientSession, gw: Gateway) -> tuple[int, dict[str, Any]]:
+    async with http.get(f"{gw.url}/v1/usage", headers=AUTH) as r:
+        return r.status, await r.json()
+
+
+async def test_usage_totals_add_up_across_instances(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
+    a = await gateway_factory(upstream.url, keys=key(), **sections)
+    b = await gateway_factory(upstream.url, keys=key(), **sections)
+    for gw in (a, b, b):
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(), headers=AUTH) as r:
+            assert r.status == 200
+            await r.read()
+
+    async def three() -> bool:
+        return (await usage_of(http, a))[1].get("requests") == 3
+
+    await until(three, timeout=5)  # records are written when each request has ended
+    status, totals = await usage_of(http, b)
+    assert status == 200 and totals["client"] == "tester" and totals["requests"] == 3
+    assert totals["total_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"] > 0
+    redis_server.stop()
+    status, body = await usage_of(http, a)
+    assert status == 503 and body["error"]["code"] == "redis_unavailable"
