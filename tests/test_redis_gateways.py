@@ -5,14 +5,10 @@ start, Redis restarted mid-run, and the failure policy."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +20,13 @@ from structlog.testing import capture_logs
 from tests.conftest import (
     TEST_KEY,
     TEST_KEY_SHA,
-    UPSTREAM_KEY,
     Gateway,
     GatewayFactory,
     StartUpstream,
     Upstream,
-    _toml,
     chat_body,
 )
+from tests.killable import ServeProcess, config_text
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).parent.parent
@@ -190,72 +185,10 @@ async def test_two_instances_share_max_concurrent(
 # ------------------------------------------------------------- a killed instance's slots
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], str]]]:
-    """`python -m gateway serve --config F` as a real process; killed at the end if alive."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def go(config_text: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = _free_port()
-        cfg = tmp_path / f"gateway-{len(procs)}.toml"
-        cfg.write_text(config_text.replace("port = 0", f"port = {port}"))
-        with (tmp_path / f"gateway-{len(procs)}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT,
-            )
-        procs.append(proc)
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / f"gateway-{len(procs) - 1}.log").read_text()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the gateway process never listened"
-                time.sleep(0.05)
-        return proc, f"http://127.0.0.1:{port}"
-
-    yield go
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
-
-
-def config_text(upstream_url: str, **sections: dict[str, Any]) -> str:
-    """The TOML of `tests.conftest.make_config` for a process: one key, one upstream."""
-    base: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},
-        "logging": {"level": "warning", "format": "json"},
-    }
-    keys = sections.pop("keys")
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
-    for k in keys:
-        lines.append("[[auth.keys]]")
-        lines.extend(f"{a} = {_toml(b)}" for a, b in k.items())
-    lines.append("[[upstreams]]")
-    upstream = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY}
-    lines.extend(f"{a} = {_toml(b)}" for a, b in upstream.items())
-    return "\n".join(lines) + "\n"
-
-
 async def test_a_killed_instances_slots_come_back_within_the_lease(
     gateway_factory: GatewayFactory, gates: tuple[Gates, Upstream], redis_url: str,
     http: aiohttp.ClientSession,
-    serve_process: Callable[[str], tuple[subprocess.Popen[bytes], str]],
+    serve_process: ServeProcess,
 ) -> None:
     _, up = gates
     lease = 2.0
@@ -264,14 +197,15 @@ async def test_a_killed_instances_slots_come_back_within_the_lease(
         "limits": redis_limits(redis_url, lease_ttl=lease),
         "keys": key(max_concurrent=1),
     }
-    proc, url = serve_process(config_text(up.url, **sections))
+    proc = await serve_process(config_text(up.url, **sections))
+    url = proc.url
     b = await gateway_factory(up.url, **sections)
     held = await open_stream(http, url, "held-forever")  # the process holds the one slot
     assert held.status == 200
     await asyncio.sleep(lease)  # past one lease: only the process's renewals keep it
     assert await status_of(http, b.url) == 429
-    proc.send_signal(signal.SIGKILL)  # no release, no cleanup: a crash
-    proc.wait(timeout=10)
+    proc.send(signal.SIGKILL)  # no release, no cleanup: a crash
+    await proc.wait_exit()
     killed = time.monotonic()
     assert await status_of(http, b.url) == 429  # still held: the lease has not run out
     await until(lambda: admitted(http, b.url), timeout=lease + 5, every=0.1)
