@@ -1,0 +1,196 @@
+"""Detached streams on several gateway instances sharing one real Redis, over real sockets:
+started on one, read and resumed on the others with no gap or duplicate; stopped from
+another; a dead owner's readers get `fail`; Redis down refuses new streams with 503."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
+from gateway.sse import EventSplitter, iter_events, parse_event
+from tests.conftest import Gateway, GatewayFactory, StartUpstream, Upstream, chat_body
+from tests.gateway_process import ServeProcess, config_text
+from tests.redis_server import RedisServer
+
+# Until issue 6's /v1/streams handlers are merged into this branch.
+pytest.importorskip("gateway.streams.handlers")
+
+PROMPT = "hello there"
+
+
+@dataclass
+class Event:
+    id: int
+    kind: str
+    data: Any
+
+
+@dataclass
+class Read:
+    status: int
+    events: list[Event] = field(default_factory=list)
+    raw: bytes = b""
+
+
+async def start_stream(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.post(f"{url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 201, await r.text()
+        return str((await r.json())["url"])
+
+
+async def read_stream(
+    http: aiohttp.ClientSession, base: str, path: str, *, last: int = 0,
+    stop_after: int | None = None,
+) -> Read:
+    """GET the stream (resuming after `last`) to its end or `stop_after` events."""
+    headers = {"Last-Event-ID": str(last)} if last else {}
+    async with http.get(base + path, headers=headers) as r:
+        out = Read(r.status)
+        if r.status != 200:
+            out.raw = await r.read()
+            return out
+        splitter = EventSplitter()
+        async for chunk in r.content.iter_any():
+            out.raw += chunk
+            for raw in iter_events(splitter.feed(chunk)):
+                ev = parse_event(raw)
+                if ev is None or ev.data is None:
+                    continue
+                assert ev.id is not None and ev.event is not None
+                out.events.append(Event(int(ev.id), ev.event, orjson.loads(ev.data)))
+                if stop_after is not None and len(out.events) >= stop_after:
+                    return out
+    return out
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.data.get("content", "") for e in events if e.kind == "delta")
+
+
+def redis_limits(url: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "redis", "redis_url": url, "per_ip_rpm": 0, **extra}
+
+
+@pytest.fixture
+async def slow_upstream(start_upstream: StartUpstream) -> Upstream:
+    """20 chunks 0.05 s apart: a one-second stream."""
+    return await start_upstream(create_mock_app(MockSettings(chunks=20, delay=0.05)))
+
+
+async def two(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_url: str, **limits: Any
+) -> tuple[Gateway, Gateway]:
+    sections = {"limits": redis_limits(redis_url, **limits)}
+    return (
+        await gateway_factory(upstream.url, **sections),
+        await gateway_factory(upstream.url, **sections),
+    )
+
+
+async def test_a_stream_started_on_a_is_resumed_on_b_and_a_without_gap_or_duplicate(
+    gateway_factory: GatewayFactory, slow_upstream: Upstream, redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = await two(gateway_factory, slow_upstream, redis_url)
+    path = await start_stream(http, a.url)
+    first = await read_stream(http, b.url, path, stop_after=4)  # on B, while it runs on A
+    second = await read_stream(http, a.url, path, last=first.events[-1].id, stop_after=5)
+    rest = await read_stream(http, b.url, path, last=second.events[-1].id)
+    events = first.events + second.events + rest.events
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert text_of(events) == "".join(reply_pieces(PROMPT, 20, 1))
+    assert [e.kind for e in events][-2:] == ["usage", "done"]
+    assert events[-1].data == {"finish_reason": "stop"}
+    again = await read_stream(http, b.url, path, last=events[-1].id)
+    assert again.status == 204  # EventSource stops: the stream is over, on any instance
+    assert slow_upstream.state.requests["/v1/chat/completions"] == 1  # generated once
+
+
+async def test_delete_on_b_stops_the_generation_running_on_a(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=200, delay=0.05)))
+    a, b = await two(gateway_factory, up, redis_url, lease_ttl=30)  # no help from polling
+    path = await start_stream(http, a.url)
+    await read_stream(http, b.url, path, stop_after=2)
+    async with http.delete(b.url + path) as r:
+        assert r.status == 204
+    await asyncio.wait_for(up.state.client_disconnected.wait(), 3)  # A closed its upstream
+    assert up.state.completed_streams == 0
+    got = await read_stream(http, a.url, path)
+    assert got.events[-1].kind == "done"
+    assert got.events[-1].data == {"finish_reason": "cancelled"}
+    async with http.delete(a.url + "/v1/streams/unknown-id") as r:
+        assert r.status == 404
+
+
+async def test_readers_get_fail_when_the_owning_instance_is_killed(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, redis_url: str,
+    http: aiohttp.ClientSession, serve_process: ServeProcess,
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=400, delay=0.05)))
+    lease = 1.5
+    sections: dict[str, Any] = {
+        "auth": {"mode": "none"},
+        "limits": redis_limits(redis_url, lease_ttl=lease),
+    }
+    proc, owner_url = serve_process(config_text(up.url, **sections))
+    reader = await gateway_factory(up.url, **sections)
+    path = await start_stream(http, owner_url)
+    reading = asyncio.create_task(read_stream(http, reader.url, path))
+    await asyncio.sleep(lease)  # events flow, renewals happen
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    killed = time.monotonic()
+    got = await asyncio.wait_for(reading, lease + 10)
+    assert time.monotonic() - killed <= lease + 2.0  # about one lease, not forever
+    assert [e.id for e in got.events] == list(range(1, len(got.events) + 1))
+    assert got.events[-1].kind == "fail"
+    assert got.events[-1].data["error"]["code"] == "stream_owner_lost"
+    assert b"event: error" not in got.raw
+    again = await read_stream(http, reader.url, path, last=got.events[-1].id)
+    assert again.status == 204
+
+
+async def test_redis_down_refuses_new_streams_with_503_and_they_work_again_after(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    a, b = await two(gateway_factory, upstream, redis_url)
+    redis_server.stop()
+    async with http.post(f"{a.url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 503
+        body = await r.json()
+        assert body["error"]["type"] == "service_unavailable"
+        assert body["error"]["code"] == "redis_unavailable"
+    redis_server.start()  # restarted, empty: no gateway restart needed
+    path = await start_stream(http, a.url)
+    got = await read_stream(http, b.url, path)
+    assert got.status == 200 and got.events[-1].kind == "done"
+
+
+async def test_a_stream_running_through_a_redis_restart_ends_and_its_reader_is_told(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    """Redis lost the stream: the owner stops generating (nobody could read what follows)
+    and a reader's reconnect gets 404 rather than waiting for events that never come."""
+    up = await start_upstream(create_mock_app(MockSettings(chunks=400, delay=0.05)))
+    a, b = await two(gateway_factory, up, redis_url)
+    path = await start_stream(http, a.url)
+    first = await read_stream(http, b.url, path, stop_after=2)
+    with capture_logs():
+        redis_server.restart()
+        await asyncio.wait_for(up.state.client_disconnected.wait(), 10)
+    again = await read_stream(http, b.url, path, last=first.events[-1].id)
+    assert again.status == 404
