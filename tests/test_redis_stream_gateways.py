@@ -21,9 +21,6 @@ from tests.conftest import Gateway, GatewayFactory, StartUpstream, Upstream, cha
 from tests.gateway_process import ServeProcess, config_text
 from tests.redis_server import RedisServer
 
-# Until issue 6's /v1/streams handlers are merged into this branch.
-pytest.importorskip("gateway.streams.handlers")
-
 PROMPT = "hello there"
 
 
