@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import structlog
 
 from gateway.limits import MemoryLimiter
 from gateway.ratelimit import Rate, tokens_per_minute
@@ -161,3 +162,20 @@ async def test_limiter_recovers_after_a_redis_restart(
     await asyncio.sleep(0.5)  # one renewal: the held slot is counted again
     assert await b.slot_acquire("conc:alice", 1, ttl=60) is None
     assert a._conn.up and b._conn.up
+
+
+async def test_while_redis_is_known_down_checks_skip_it_and_log_nothing_per_call(
+    make_limiter: MakeLimiter, redis_server: RedisServer
+) -> None:
+    lim = await make_limiter()
+    redis_server.stop()
+    await lim.hit("rpm:alice", Rate(limit=60))  # the failure that wakes the monitor
+    start = time.monotonic()
+    while lim._conn.up:
+        assert time.monotonic() - start < 5
+        await asyncio.sleep(0.01)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(200):
+            assert (await lim.hit("rpm:alice", Rate(limit=60))).allowed
+            assert await lim.slot_acquire("conc:alice", 1, ttl=60) is not None
+    assert logs == []

@@ -171,6 +171,14 @@ async def test_redis_down_refuses_new_streams_with_503_and_they_work_again_after
         assert body["error"]["type"] == "service_unavailable"
         assert body["error"]["code"] == "redis_unavailable"
     redis_server.start()  # restarted, empty: no gateway restart needed
+    deadline = time.monotonic() + 10
+    for gw in (a, b):
+        while True:  # ready again once its monitor has seen Redis back (within a second)
+            async with http.get(f"{gw.url}/readyz") as r:
+                if r.status == 200:
+                    break
+            assert time.monotonic() < deadline, "never ready again"
+            await asyncio.sleep(0.05)
     path = await start_stream(http, a.url)
     got = await read_stream(http, b.url, path)
     assert got.status == 200 and got.events[-1].kind == "done"

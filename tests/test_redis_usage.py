@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -42,4 +43,8 @@ async def test_redis_down_drops_records_and_refuses_totals(
     with pytest.raises(RedisUnavailable) as exc:
         await usage.totals("alice")
     assert exc.value.status == 503
+    for _ in range(200):  # the failure woke the monitor; its probe marks Redis down
+        if conns[0].readiness() == "redis unreachable":
+            break
+        await asyncio.sleep(0.01)
     assert conns[0].readiness() == "redis unreachable"

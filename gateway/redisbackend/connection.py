@@ -5,10 +5,11 @@ the same server: `cmd` for short commands (tight timeouts, so a lost Redis is no
 second, not a minute) and `block` for the blocking reads of detached streams (whose socket
 timeout must outlast `XREAD BLOCK`).
 
-Health is tracked, not assumed: a monitor task PINGs every `interval` seconds; any command
-that fails with a connection error marks Redis down at once (`failed`). Each transition is
-logged once (`redis_unreachable` / `redis_reachable`), never per request, and `/readyz`
-answers 503 while Redis is down. Nothing here needs a restart: redis-py opens new
+Health is tracked, not assumed: a monitor task PINGs every `interval` seconds, and at once
+when a command fails with a connection error (`failed`). Each transition is logged once
+(`redis_unreachable` / `redis_reachable`), never per request; `/readyz` answers 503 while
+Redis is down, and `check()` lets callers skip Redis meanwhile (no connect timeout per
+request). Nothing here needs a restart: redis-py opens new
 connections on the next command, and the monitor notices when they succeed again.
 """
 
@@ -32,6 +33,10 @@ log = structlog.get_logger("gateway.redis")
 
 # What counts as "Redis is unreachable" (as opposed to a bug such as a script error).
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class RedisDown(RedisConnectionError):
+    """Raised by `RedisConnection.check` without a round trip while Redis is down."""
 
 
 class RedisUnavailable(Unavailable):
@@ -103,18 +108,25 @@ class RedisConnection:
         return None if self.up else "redis unreachable"
 
     def failed(self, exc: BaseException) -> None:
-        """A command failed with a connection error: mark Redis down now, log once, and
-        let the monitor probe at once (a restarted Redis is back within one round trip)."""
-        self._down(exc)
-        self._wake.set()
+        """A command failed with a connection error: have the monitor probe at once.
+
+        Only the probe decides that Redis is down: a connection that died with a restarted
+        Redis fails once, then the probe's fresh connection finds it back."""
+        if not isinstance(exc, RedisDown):  # that one came from check(): no news
+            self._wake.set()
+
+    def check(self) -> None:
+        """Raise `RedisDown` while the monitor finds Redis down: callers then apply the
+        failure policy at once, instead of each paying a connect timeout."""
+        if not self.up:
+            raise RedisDown("Redis is unreachable")
 
     def _down(self, exc: BaseException) -> None:
         if self.up:
             self.up = False
             log.error("redis_unreachable", url=redacted(self.url), error=type(exc).__name__)
 
-    def ok(self) -> None:
-        """A command succeeded: Redis is back (if it was not)."""
+    def _ok(self) -> None:
         if not self.up:
             self.up = True
             log.info("redis_reachable", url=redacted(self.url))
@@ -125,7 +137,7 @@ class RedisConnection:
         except (RedisError, OSError) as exc:  # unreachable, or reachable but unusable (NOAUTH)
             self._down(exc)
         else:
-            self.ok()
+            self._ok()
 
     async def _run(self) -> None:
         while not self._closed:

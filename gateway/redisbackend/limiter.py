@@ -158,6 +158,7 @@ class RedisLimiter:
 
     async def hit(self, key: str, rate: Rate, cost: int = 1) -> Decision:
         try:
+            self._conn.check()
             _ok, now, raw = await self._hit(
                 keys=[PREFIX + key], args=[_f(rate.interval), _f(rate.tolerance), cost]
             )
@@ -168,6 +169,7 @@ class RedisLimiter:
 
     async def debt(self, key: str, rate: Rate) -> Decision:
         try:
+            self._conn.check()
             now, raw = await self._peek(keys=[PREFIX + key])
         except (RedisError, OSError) as exc:
             self._error(exc, "debt")
@@ -178,6 +180,7 @@ class RedisLimiter:
         if cost <= 0:
             return
         try:
+            self._conn.check()
             await self._charge(keys=[PREFIX + key], args=[_f(rate.interval), cost])
         except (RedisError, OSError) as exc:
             with contextlib.suppress(RedisUnavailable):  # after the fact: nothing to refuse
@@ -187,6 +190,7 @@ class RedisLimiter:
         lease = secrets.token_hex(16)
         ttl_ms = max(1, int(min(ttl, self.lease_ttl) * 1000))
         try:
+            self._conn.check()
             got = await self._acquire(keys=[PREFIX + key], args=[limit, ttl_ms, lease])
         except (RedisError, OSError) as exc:
             self._error(exc, "slot_acquire")
@@ -200,6 +204,7 @@ class RedisLimiter:
     async def slot_release(self, key: str, lease: str) -> None:
         self._held.pop(lease, None)
         try:
+            self._conn.check()
             await self._conn.cmd.zrem(PREFIX + key, lease)
         except (RedisError, OSError) as exc:
             # The lease expires by itself within lease_ttl; nothing to refuse.

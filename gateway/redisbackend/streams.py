@@ -216,6 +216,7 @@ class RedisEventLog:
 
     async def create(self, stream_id: str) -> None:
         try:
+            self._conn.check()
             created = await self._create(
                 keys=_keys(stream_id), args=[self.running_ttl_ms, self.lease_ms]
             )
@@ -240,6 +241,7 @@ class RedisEventLog:
             OVERFLOW_DATA,
         ]
         try:
+            self._conn.check()
             n = int(await self._append(keys=_keys(stream_id), args=args))
         except (RedisError, OSError) as exc:
             # Nobody could read what follows: the owner stops (its relay to Redis is cut).
@@ -262,6 +264,7 @@ class RedisEventLog:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                self._conn.check()
                 return await self._read(stream_id, after, deadline, limit)
             except (RedisError, OSError) as exc:
                 self._error(exc, "read")
@@ -307,6 +310,7 @@ class RedisEventLog:
     async def cancel(self, stream_id: str) -> bool:
         args: list[str | int] = [DONE, CANCELLED_DATA, self.end_ttl_ms, CHANNEL, stream_id, "0"]
         try:
+            self._conn.check()
             known = int(await self._end(keys=_keys(stream_id), args=args))
         except (RedisError, OSError) as exc:
             self._error(exc, "cancel")

@@ -12,7 +12,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from ..usage import Usage, UsageTotals
-from .connection import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from .connection import CONNECTION_ERRORS, RedisConnection, RedisDown, RedisUnavailable
 
 log = structlog.get_logger("gateway.redis")
 
@@ -37,14 +37,18 @@ class RedisUsage:
             pipe.hincrby(key, "completion_tokens", usage.completion_tokens)
             pipe.hincrby(key, "total_tokens", usage.total_tokens)
         try:
+            self._conn.check()
             await pipe.execute()
         except (RedisError, OSError) as exc:
             if isinstance(exc, CONNECTION_ERRORS):
                 self._conn.failed(exc)
-            log.warning("usage_not_recorded", client=client, error=type(exc).__name__)
+            # One warning when Redis goes; while it is known down, no line per request.
+            level = log.debug if isinstance(exc, RedisDown) else log.warning
+            level("usage_not_recorded", client=client, error=type(exc).__name__)
 
     async def totals(self, client: str) -> UsageTotals:
         try:
+            self._conn.check()
             values = await self._conn.cmd.hmget(PREFIX + client, list(_FIELDS))
         except (RedisError, OSError) as exc:
             if isinstance(exc, CONNECTION_ERRORS):
