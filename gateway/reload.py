@@ -36,7 +36,10 @@ Prepare = Callable[[Config], Commit]
 
 # Read once at start-up: the listener, process layout, logging, routes, stream settings and
 # the limits backend's connection.
-RESTART_ONLY = ("server", "sse", "logging", "metrics", "limits.backend", "limits.redis_url")
+RESTART_ONLY = (
+    "server", "sse", "logging", "metrics",
+    "limits.backend", "limits.redis_url", "limits.on_redis_error", "limits.lease_ttl",
+)
 
 
 class Reloaders:

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
 from gateway.sse import EventSplitter, iter_events, parse_event
 from tests.conftest import Gateway, GatewayFactory, StartUpstream, Upstream, chat_body
-from tests.gateway_process import ServeProcess, config_text
+from tests.killable import ServeProcess, config_text
 from tests.redis_server import RedisServer
 
 PROMPT = "hello there"
@@ -141,13 +141,14 @@ async def test_readers_get_fail_when_the_owning_instance_is_killed(
         "auth": {"mode": "none"},
         "limits": redis_limits(redis_url, lease_ttl=lease),
     }
-    proc, owner_url = serve_process(config_text(up.url, **sections))
+    proc = await serve_process(config_text(up.url, **sections))
+    owner_url = proc.url
     reader = await gateway_factory(up.url, **sections)
     path = await start_stream(http, owner_url)
     reading = asyncio.create_task(read_stream(http, reader.url, path))
     await asyncio.sleep(lease)  # events flow, renewals happen
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.send(signal.SIGKILL)
+    await proc.wait_exit()
     killed = time.monotonic()
     got = await asyncio.wait_for(reading, lease + 10)
     assert time.monotonic() - killed <= lease + 2.0  # about one lease, not forever
