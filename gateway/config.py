@@ -136,6 +136,11 @@ class ServerConfig:
     trusted_proxies: tuple[Network, ...] = _check(_networks, ["127.0.0.1/32", "::1/128"])
     max_body_bytes: int = _check(_at_least(1), 1048576)
     shutdown_grace: float = _check(_non_negative, 30.0)
+    # A connection is closed when a request's headers have not all arrived this many seconds
+    # after it opened (or after its previous response): slowloris. Also the idle keep-alive.
+    keepalive_timeout: float = _check(_positive, 75.0)
+    # Longest wait for a request body to arrive in full (a body that never finishes): 408.
+    body_timeout: float = _check(_positive, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,9 @@ class SSEConfig:
     resume_ttl: float = _check(_non_negative, 600.0)
     max_connection_age: float = _check(_non_negative, 0.0)
     max_event_bytes: int = _check(_at_least(1024), 1 << 20)
+    # A client that stops reading: dropped once a write has waited this long for the socket
+    # to drain (checked when the heartbeat timer fires: within write_timeout + heartbeat_interval).
+    write_timeout: float = _check(_positive, 30.0)
     max_log_events: int = _check(_at_least(1), 100_000)
     max_log_bytes: int = _check(_at_least(1024), 16 << 20)
 

@@ -6,6 +6,7 @@
      ├── Forbidden                     403    permission_error
      ├── NotFound                      404    not_found_error
      ├── MethodNotAllowed              405    invalid_request_error
+     ├── RequestTimeout                408    invalid_request_error
      ├── PayloadTooLarge               413    invalid_request_error
      ├── UnsupportedMediaType          415    invalid_request_error
      ├── RateLimited                   429    rate_limit_error       (+ Retry-After)
@@ -92,6 +93,12 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

@@ -38,20 +38,52 @@ class Heartbeat:
 
     One timer per stream, re-armed lazily: the hot path only stores the clock in `last`;
     the timer, when it fires early, sleeps again until `last + interval`.
+
+    With a `transport` and a `write_timeout`, the same timer is the write deadline: a client
+    that has taken no byte from a non-empty send buffer for `write_timeout` seconds (it stopped
+    reading) is dropped, checked once per firing, so at no cost per chunk. aiohttp's `write()`
+    waits for drain without limit; this bounds the wait (and what is buffered for the client
+    stays within the transport's high-water mark plus one block).
     """
 
-    __slots__ = ("_out", "_interval", "_loop", "last", "_handle", "_task")
+    __slots__ = (
+        "_buffered",
+        "_handle",
+        "_interval",
+        "_loop",
+        "_out",
+        "_progress",
+        "_task",
+        "_transport",
+        "_write_timeout",
+        "last",
+    )
 
-    def __init__(self, out: web.StreamResponse, interval: float) -> None:
+    def __init__(
+        self,
+        out: web.StreamResponse,
+        interval: float,
+        *,
+        transport: asyncio.Transport | None = None,
+        write_timeout: float = 0.0,
+    ) -> None:
         self._out = out
         self._interval = interval
         self._loop = asyncio.get_running_loop()
         self.last = self._loop.time()
         self._task: asyncio.Task[None] | None = None
+        self._transport = transport if write_timeout > 0 else None
+        self._write_timeout = write_timeout
+        self._buffered = 0
+        self._progress = self.last
         self._handle = self._loop.call_at(self.last + interval, self._fire)
 
     def _fire(self) -> None:
         now = self._loop.time()
+        if self._transport is not None and self._client_stalled(now):
+            self._handle.cancel()
+            self._transport.abort()  # the handler is cancelled: outcome client_disconnected
+            return
         due = self.last + self._interval
         if now >= due - 0.001:
             if self._task is None or self._task.done():
@@ -59,6 +91,14 @@ class Heartbeat:
             self.last = now
             due = now + self._interval
         self._handle = self._loop.call_at(due, self._fire)
+
+    def _client_stalled(self, now: float) -> bool:
+        assert self._transport is not None
+        size = self._transport.get_write_buffer_size()
+        if size == 0 or size != self._buffered:
+            self._buffered, self._progress = size, now  # empty, or the client took bytes
+            return False
+        return now - self._progress >= self._write_timeout
 
     async def _ping(self) -> None:
         try:
@@ -176,7 +216,12 @@ async def _relay_stream(
     ex.status = 200
     splitter = EventSplitter(cfg.sse.max_event_bytes)
     tap = UsageTap(strip)
-    heartbeat = Heartbeat(out, cfg.sse.heartbeat_interval)
+    heartbeat = Heartbeat(
+        out,
+        cfg.sse.heartbeat_interval,
+        transport=request.transport,
+        write_timeout=cfg.sse.write_timeout,
+    )
     loop = asyncio.get_running_loop()
     read = resp.content.readany
     failure: tuple[Outcome, bytes] | None = None

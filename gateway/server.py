@@ -21,7 +21,7 @@ from . import logs, notify
 from .app import create_app
 from .config import Config
 from .reload import reload_file
-from .state import DRAIN
+from .state import CONFIG, DRAIN
 
 log = structlog.get_logger("gateway.server")
 
@@ -59,6 +59,9 @@ async def start(
         # at once instead of at the next write.
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout,
+        # aiohttp's own default is an hour; it also bounds how long a request's headers may
+        # take to arrive (a slowloris client is closed when it runs out).
+        keepalive_timeout=app[CONFIG].server.keepalive_timeout,
     )
     await runner.setup()
     site: web.BaseSite

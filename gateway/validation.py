@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .state import CONFIG
-from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -26,11 +27,17 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}"
         )
+    server = request.app[CONFIG].server
     try:
-        raw = await request.read()
+        # A body that never finishes must not hold the connection (and a handler) forever.
+        async with asyncio.timeout(server.body_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].server.max_body_bytes
-        raise PayloadTooLarge(f"Request body is larger than {limit} bytes") from None
+        raise PayloadTooLarge(f"Request body is larger than {server.max_body_bytes} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"Request body did not arrive within {server.body_timeout:g} seconds"
+        ) from None
     if not raw:
         raise BadRequest("Request body is empty: a JSON object is required")
     try:
