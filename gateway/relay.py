@@ -164,6 +164,12 @@ async def _relay(
     try:
         if resp.content_type == "text/event-stream" and resp.status == 200:
             return await _relay_stream(request, ex, resp, strip)
+        if ex.stream and resp.status == 200:
+            # An SDK waiting for events would choke on whatever this is: garbage, 502.
+            raise UpstreamError(
+                f"upstream answered a stream request with {resp.content_type!r}, not an event stream",
+                code="bad_upstream_response",
+            )
         return await _relay_json(ex, resp)
     finally:
         # Whatever happened (done, client gone, cancelled), the upstream connection is
@@ -183,8 +189,16 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Respons
         raise UpstreamError("upstream connection lost") from exc
     if len(data) > MAX_JSON_BYTES:
         raise UpstreamError("upstream answer too large")
-    if b'"usage"' in data and resp.status == 200:
-        ex.usage = _usage_of_json(data)
+    if resp.status == 200 and resp.content_type == "application/json":
+        # Parsed anyway for usage; an answer that is not JSON at all is garbage: 502.
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                "upstream answered invalid JSON", code="bad_upstream_response"
+            ) from None
+        if isinstance(obj, dict):
+            ex.usage = Usage.from_obj(obj.get("usage"))
     headers = relay_headers(resp.headers)
     return web.Response(
         status=resp.status,
@@ -192,14 +206,6 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Respons
         headers=headers,
         content_type=resp.content_type or "application/json",
     )
-
-
-def _usage_of_json(data: bytes) -> Usage | None:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return Usage.from_obj(obj.get("usage")) if isinstance(obj, dict) else None
 
 
 async def _relay_stream(
