@@ -86,7 +86,9 @@ class Heartbeat:
             return
         due = self.last + self._interval
         if now >= due - 0.001:
-            if self._task is None or self._task.done():
+            # No ping while bytes still wait in the send buffer: the line is not silent, and
+            # pings piling up there would look like progress to the write deadline.
+            if (self._task is None or self._task.done()) and not self._buffered:
                 self._task = self._loop.create_task(self._ping())
             self.last = now
             due = now + self._interval
