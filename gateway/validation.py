@@ -28,6 +28,9 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
             f"Content-Type must be application/json, not {request.content_type!r}"
         )
     server = request.app[CONFIG].server
+    if (request.content_length or 0) > server.max_body_bytes:
+        # Refused on the declared length, without waiting for bytes that may never come.
+        raise PayloadTooLarge(f"Request body is larger than {server.max_body_bytes} bytes")
     try:
         # A body that never finishes must not hold the connection (and a handler) forever.
         async with asyncio.timeout(server.body_timeout):
