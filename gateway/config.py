@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import os
 import re
@@ -355,7 +356,14 @@ class _Loader:
 _BAD = object()
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _join(path: str, key: str) -> str:
+    # A key that is not a TOML bare key is shown quoted, as TOML writes it: a key holding a
+    # newline or ": " must not forge a line of `check-config` output.
+    if not _BARE_KEY.fullmatch(key):
+        key = json.dumps(key)
     return f"{path}.{key}" if path else key
 
 
