@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,85 @@ def test_any_server_table_parses_or_fails_with_named_problems(table: dict[str, o
     except config.ConfigError as exc:
         assert exc.problems
         assert all(p.startswith(("server.", "(toml)")) for p in exc.problems), exc.problems
+
+
+# Hostile input for the loader: whatever the file or the environment holds, the answer is a
+# Config or a ConfigError whose every problem names where it is; never another exception.
+
+_SEGMENT = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*")(?:\[\d+\])?'
+_PROBLEM = re.compile(rf"^(?:\(toml\)|\(top\)|{_SEGMENT}(?:\.{_SEGMENT})*): [^\n]+$")
+
+
+def _parse_or_problems(text: str, env: dict[str, str] | None = None) -> config.Config | list[str]:
+    try:
+        return config.parse(text, env=env or {})
+    except config.ConfigError as exc:
+        assert exc.problems
+        for p in exc.problems:
+            assert _PROBLEM.match(p), p
+        return exc.problems
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_text_is_a_config_or_named_problems(text: str) -> None:
+    _parse_or_problems(text)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are TOML's too
+    if isinstance(v, float) and v != v:
+        return "nan"
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+_SCHEMA = {
+    name: [f.name for f in dataclasses.fields(cls)]
+    for name, cls in [
+        ("server", config.ServerConfig), ("sse", config.SSEConfig), ("limits", config.LimitsConfig),
+        ("cors", config.CORSConfig), ("retry", config.RetryConfig), ("breaker", config.BreakerConfig),
+        ("logging", config.LoggingConfig), ("metrics", config.MetricsConfig),
+    ]
+}
+_values = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.floats(), st.booleans(), st.text(max_size=12),
+    st.lists(st.text(max_size=8), max_size=3), st.lists(st.integers(), max_size=2),
+    st.sampled_from(["${X}", "${X:-1}", "${NOPE}", "${X:-}", "10.0.0.0/8", "*", "redis://h:1/0"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    tables=st.dictionaries(
+        st.sampled_from(sorted(_SCHEMA)),
+        st.dictionaries(st.text(max_size=6) | st.sampled_from(sum(_SCHEMA.values(), [])), _values, max_size=4),
+        max_size=4,
+    ),
+    env=st.dictionaries(st.sampled_from(["X", "Y"]), st.text(max_size=8), max_size=2),
+)
+def test_any_table_of_any_section_parses_or_names_its_problems(
+    tables: dict[str, dict[str, object]], env: dict[str, str]
+) -> None:
+    lines: list[str] = []
+    for section, values in tables.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{json.dumps(k, ensure_ascii=False)} = {_toml_value(v)}" for k, v in values.items())
+    result = _parse_or_problems("\n".join(lines) + "\n" + MINIMAL, env)
+    if isinstance(result, list):
+        known = (*_SCHEMA, "(toml)", "upstreams", "auth", '""')
+        assert all(p.startswith(known) for p in result), result
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.text(max_size=40).filter(lambda s: "\0" not in s))
+def test_an_environment_value_arrives_verbatim_whatever_it_holds(value: str) -> None:
+    text = MINIMAL + 'api_key = "${KEY}"\n'
+    cfg = config.parse(text, env={"KEY": value})
+    assert cfg.upstreams[0].api_key == value  # never re-interpolated, never truncated

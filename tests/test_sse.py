@@ -401,3 +401,75 @@ def test_encoded_events_survive_any_line_endings_and_chunking(
     assert b"".join(blocks) == stream
     assert blocks[-1] == b""
     assert events_of(blocks) == [e for _, e in events if e is not None]
+
+
+# Hostile input: arbitrary bytes, arbitrary chunking, a small cap. The splitter is the DoS
+# guard in front of every upstream stream, so it must neither crash, lose or invent bytes,
+# nor hold more than its cap.
+
+_LINE_END = re.compile(rb"(?:\r\n|\r|\n)\Z")
+
+
+@settings(max_examples=500, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=600), max_size=12), cap=st.integers(1024, 2048))
+def test_splitter_on_arbitrary_bytes_keeps_every_byte_or_refuses_within_its_cap(
+    chunks: list[bytes], cap: int
+) -> None:
+    splitter = EventSplitter(cap)
+    blocks: list[bytes] = []
+    for chunk in chunks:
+        try:
+            block = splitter.feed(chunk)
+        except SSEError:
+            assert splitter.pending == 0  # what it held is dropped, not kept growing
+            return
+        assert splitter.pending <= cap + 3  # + a BOM prefix still being recognised
+        if block:
+            # A block ends on an event boundary: its last raw event ends in a line end.
+            *_, last = iter_events(block)
+            assert _LINE_END.search(last), block
+        blocks.append(block)
+    whole = b"".join(chunks)
+    assert b"".join(blocks) + splitter.flush() == whole.removeprefix(b"\xef\xbb\xbf")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=400))
+def test_iter_events_and_parse_event_never_fail_and_never_lose_bytes(raw: bytes) -> None:
+    events = iter_events(raw)
+    assert b"".join(events) == raw
+    for e in events:
+        parsed = parse_event(e)
+        if parsed is not None:
+            assert parsed.event is None or not _LINE_BREAK_RE.search(parsed.event)
+            assert parsed.id is None or not (_LINE_BREAK_RE.search(parsed.id) or "\0" in parsed.id)
+            assert parsed.retry is None or parsed.retry >= 0
+
+
+_LINE_BREAK_RE = re.compile(r"[\r\n]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.none() | st.text(),
+    event=st.none() | st.text(max_size=10),
+    id_=st.none() | st.text(max_size=10),
+)
+def test_encode_event_refuses_exactly_what_would_break_framing(
+    data: str | None, event: str | None, id_: str | None
+) -> None:
+    bad = (event is not None and bool(_LINE_BREAK_RE.search(event))) or (
+        id_ is not None and (bool(_LINE_BREAK_RE.search(id_)) or "\0" in id_)
+    )
+    try:
+        raw = encode_event(data, event=event, id=id_)
+    except ValueError:
+        assert bad
+        return
+    assert not bad
+    (one,) = iter_events(raw)  # one event, however the text was made
+    parsed = parse_event(one)
+    if parsed is not None:
+        assert parsed.id == id_
+        assert parsed.event == (event or None)
+        assert parsed.data == (None if data is None else re.sub(r"\r\n|\r", "\n", data))
