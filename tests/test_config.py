@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def _toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)  # JSON string escapes are TOML's too
-    if isinstance(v, float) and v != v:
+    if isinstance(v, float) and math.isnan(v):
         return "nan"
     if isinstance(v, float) and v in (float("inf"), float("-inf")):
         return "inf" if v > 0 else "-inf"
@@ -194,7 +195,7 @@ _values = st.one_of(
 @given(
     tables=st.dictionaries(
         st.sampled_from(sorted(_SCHEMA)),
-        st.dictionaries(st.text(max_size=6) | st.sampled_from(sum(_SCHEMA.values(), [])), _values, max_size=4),
+        st.dictionaries(st.text(max_size=6) | st.sampled_from([k for keys in _SCHEMA.values() for k in keys]), _values, max_size=4),
         max_size=4,
     ),
     env=st.dictionaries(st.sampled_from(["X", "Y"]), st.text(max_size=8), max_size=2),
