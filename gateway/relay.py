@@ -172,7 +172,7 @@ async def _relay(
                 f"upstream answered a stream request with {resp.content_type!r}, not an event stream",
                 code="bad_upstream_response",
             )
-        return await _relay_json(ex, resp)
+        return await _relay_json(ex, resp, up.cfg.api_key)
     finally:
         # Whatever happened (done, client gone, cancelled), the upstream connection is
         # released now; close() drops it when the body was not read to its end.
@@ -182,7 +182,7 @@ async def _relay(
         resp.release()
 
 
-async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Response:
+async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) -> web.Response:
     try:
         data = await resp.content.read(MAX_JSON_BYTES + 1) if resp.content else b""
     except TimeoutError:
@@ -191,6 +191,10 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Respons
         raise UpstreamError("upstream connection lost") from exc
     if len(data) > MAX_JSON_BYTES:
         raise UpstreamError("upstream answer too large")
+    if resp.status >= 400 and api_key and api_key.encode() in data:
+        # Some upstreams quote the credential they were sent in a 401 message: the
+        # upstream's key must not reach our client through an error relayed "as sent".
+        data = data.replace(api_key.encode(), b"[REDACTED]")
     if resp.status == 200 and resp.content_type == "application/json":
         # Parsed anyway for usage; an answer that is not JSON at all is garbage: 502.
         try:
