@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload status logs uninstall-service bench bench-quick bench-redis
+	install-service reload status logs uninstall-service bench bench-quick bench-redis soak
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,13 @@ bench-quick: install
 
 bench-redis: install
 	$(PY) -m tests.bench.redis_latency
+
+# About ten minutes of mixed traffic with injected upstream faults against a gateway
+# subprocess; prints a JSON summary (requests, faults, outcomes, RSS, leaks), exits 1 on a
+# failed check. `make test` runs a one-minute version (tests/test_soak.py, SOAK_CI_SECONDS).
+SOAK_SECONDS ?= 600
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak.driver
 
 lint: install
 	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
