@@ -169,7 +169,7 @@ async def _relay(
         if ex.stream and resp.status == 200:
             # An SDK waiting for events would choke on whatever this is: garbage, 502.
             raise UpstreamError(
-                f"upstream answered a stream request with {resp.content_type!r}, not an event stream",
+                f"upstream answered a stream request with {resp.content_type!r}, not events",
                 code="bad_upstream_response",
             )
         return await _relay_json(ex, resp, up.cfg.api_key)

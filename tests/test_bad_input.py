@@ -50,7 +50,7 @@ def post(path: str = "/v1/chat/completions", body: bytes | None = None, headers:
 
 
 async def assert_healthy(gw: Gateway) -> None:
-    status, _, body = await raw(gw, b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    status, _, body = await raw(gw, G + b"Connection: close\r\n\r\n")
     assert status == 200, body
 
 
@@ -62,28 +62,27 @@ def assert_clean_4xx(status: int, body: bytes, expected: int | tuple[int, ...] =
 
 # ------------------------------------------------------------------ HTTP framing and headers
 
+P = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+G = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n"
 FRAMING = {
-    "content-length-and-chunked": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
+    "content-length-and-chunked": P + b"Content-Length: 5\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "two-different-content-lengths": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
-    b"Content-Length: 6\r\n\r\nhello!",
-    "chunked-not-last": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-    b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-    "negative-content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: -1\r\n\r\n",
-    "bad-chunk-size": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"zz\r\nhello\r\n0\r\n\r\n",
-    "cr-in-x-request-id": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Request-ID: abc\rdef\r\n\r\n",
-    "lf-in-x-request-id": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Request-ID: abc\ndef: 1\r\n\r\n",
-    "folded-x-request-id": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Request-ID: abc\r\n def\r\n\r\n",
-    "cr-in-header-value": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nx-note: a\rSet-Cookie: x=1\r\n\r\n",
-    "nul-in-header-value": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nx-note: a\x00b\r\n\r\n",
-    "space-before-colon": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Request-ID : abc\r\n\r\n",
-    "header-line-over-8k": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nx-big: " + b"a" * 10000 + b"\r\n\r\n",
+    "two-different-content-lengths": P + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "chunked-not-last": P + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "negative-content-length": P + b"Content-Length: -1\r\n\r\n",
+    "bad-chunk-size": P + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "cr-in-x-request-id": G + b"X-Request-ID: abc\rdef\r\n\r\n",
+    "lf-in-x-request-id": G + b"X-Request-ID: abc\ndef: 1\r\n\r\n",
+    "folded-x-request-id": G + b"X-Request-ID: abc\r\n def\r\n\r\n",
+    "cr-in-header-value": G + b"x-note: a\rSet-Cookie: x=1\r\n\r\n",
+    "nul-in-header-value": G + b"x-note: a\x00b\r\n\r\n",
+    "space-before-colon": G + b"X-Request-ID : abc\r\n\r\n",
+    "header-line-over-8k": G + b"x-big: " + b"a" * 10000 + b"\r\n\r\n",
     "request-line-over-8k": b"GET /v1/models?" + b"a" * 10000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
-    "200-headers": b"GET /healthz HTTP/1.1\r\nHost: gw\r\n"
-    + b"".join(b"x-h%d: v\r\n" % i for i in range(200))
-    + b"\r\n",
-    "http-0.9-garbage": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64 + b"\r\n\r\n",
+    "200-headers": G + b"" + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"\r\n",
+    "http-0.9-garbage": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"
+    + b"\x00" * 64
+    + b"\r\n\r\n",
     "bad-method-token": b"G(T /healthz HTTP/1.1\r\nHost: gw\r\n\r\n",
     "bad-version": b"GET /healthz HTTP/7.3\r\nHost: gw\r\n\r\n",
 }
@@ -95,7 +94,9 @@ async def test_malformed_http_is_a_clean_400_and_the_server_stays_healthy(
 ) -> None:
     status, headers, body = await raw(gateway, FRAMING[case])
     # 505 is the one 5xx that is a verdict on the request (an unknown HTTP version).
-    assert_clean_4xx(status, body, (400, 413, 431, 505) if case == "bad-version" else (400, 413, 431))
+    assert_clean_4xx(
+        status, body, (400, 413, 431, 505) if case == "bad-version" else (400, 413, 431)
+    )
     assert "set-cookie" not in headers
     assert upstream.state.requests.total() == 0
     await assert_healthy(gateway)
@@ -120,7 +121,9 @@ async def test_odd_but_valid_header_bytes_are_forwarded_without_harm(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     # obs-text (bytes >= 0x80) is legal in a field value; forwarding it must not crash.
-    req = post().replace(b"Connection: close\r\n", b"Connection: close\r\nx-note: caf\xc3\xa9 \xff\x80\r\n")
+    req = post().replace(
+        b"Connection: close\r\n", b"Connection: close\r\nx-note: caf\xc3\xa9 \xff\x80\r\n"
+    )
     status, _, body = await raw(gateway, req)
     assert status in (200, 400), body[:300]
     assert b"Traceback" not in body
@@ -139,35 +142,42 @@ async def test_oversize_bodies_are_413_declared_or_chunked(
     assert_clean_4xx(status, body, 413)
     assert json.loads(body)["error"]["code"] == "request_too_large"
     chunked = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        P + b"Connection: close\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
-        + b"".join(b"%x\r\n%s\r\n" % (len(big[i : i + 1000]), big[i : i + 1000]) for i in range(0, len(big), 1000))
+        + b"".join(
+            b"%x\r\n%s\r\n" % (len(big[i : i + 1000]), big[i : i + 1000])
+            for i in range(0, len(big), 1000)
+        )
         + b"0\r\n\r\n"
     )
     status, _, body = await raw(gw, chunked)
     assert_clean_4xx(status, body, 413)
     # A declared length far beyond the limit is refused without waiting for the bytes.
-    status, _, body = await raw(gw, post(body=b"").replace(b"Content-Length: 0", b"Content-Length: 10737418240"))
+    status, _, body = await raw(
+        gw, post(body=b"").replace(b"Content-Length: 0", b"Content-Length: 10737418240")
+    )
     assert_clean_4xx(status, body, 413)
     assert upstream.state.requests.total() == 0
     await assert_healthy(gw)
 
 
+M = b'{"model": "m", "messages": [{"role": "user", "content": '
+X = b'[{"role": "user", "content": "x"}]}'
 BODIES: dict[str, bytes] = {
-    "lone-high-surrogate": b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
-    "lone-low-surrogate": b'{"model": "m", "messages": [{"role": "user", "content": "a\\udc00b"}]}',
-    "invalid-utf8": b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
-    "overlong-utf8": b'{"model": "m", "messages": [{"role": "user", "content": "\xc0\xaf"}]}',
-    "encoded-surrogate": b'{"model": "m", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
-    "bom": b'\xef\xbb\xbf{"model": "m", "messages": [{"role": "user", "content": "x"}]}',
-    "nesting-2000": b'{"model": "m", "messages": [{"role": "user", "content": ' + b"[" * 2000 + b"]" * 2000 + b"}]}",
-    "infinite-number": b'{"model": "m", "temperature": 1e999, "messages": [{"role": "user", "content": "x"}]}',
-    "nan": b'{"model": "m", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
-    "trailing-garbage": b'{"model": "m", "messages": [{"role": "user", "content": "x"}]} {}',
-    "utf16": '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'.encode("utf-16"),
-    "model-not-string": b'{"model": ["m"], "messages": [{"role": "user", "content": "x"}]}',
-    "model-empty": b'{"model": "", "messages": [{"role": "user", "content": "x"}]}',
-    "stream-not-bool": b'{"model": "m", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}',
+    "lone-high-surrogate": M + b'"\\ud800"}]}',
+    "lone-low-surrogate": M + b'"a\\udc00b"}]}',
+    "invalid-utf8": M + b'"\xff\xfe"}]}',
+    "overlong-utf8": M + b'"\xc0\xaf"}]}',
+    "encoded-surrogate": M + b'"\xed\xa0\x80"}]}',
+    "bom": b'\xef\xbb\xbf{"model": "m", "messages": ' + X,
+    "nesting-2000": M + b"" + b"[" * 2000 + b"]" * 2000 + b"}]}",
+    "infinite-number": b'{"model": "m", "temperature": 1e999, "messages": ' + X,
+    "nan": b'{"model": "m", "temperature": NaN, "messages": ' + X,
+    "trailing-garbage": M + b'"x"}]} {}',
+    "utf16": '{"model": "m", "messages": ' + X.encode("utf-16"),
+    "model-not-string": b'{"model": ["m"], "messages": ' + X,
+    "model-empty": b'{"model": "", "messages": ' + X,
+    "stream-not-bool": b'{"model": "m", "stream": "yes", "messages": ' + X,
     "messages-object": b'{"model": "m", "messages": {"role": "user"}}',
     "role-with-nul": b'{"model": "m", "messages": [{"role": "user\\u0000", "content": "x"}]}',
     "empty": b"",
@@ -248,7 +258,9 @@ TRAVERSALS = [
 async def test_path_traversal_never_reads_outside_the_static_files(
     gateway: Gateway, upstream: Upstream, path: str
 ) -> None:
-    status, _, body = await raw(gateway, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+    status, _, body = await raw(
+        gateway, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode()
+    )
     assert b"root:" not in body and b"[[upstreams]]" not in body and b"api_key" not in body
     if status == 200:
         # Normalised to a real public page (the demo page): fine, as long as it is that page.
@@ -260,7 +272,8 @@ async def test_path_traversal_never_reads_outside_the_static_files(
 
 
 @pytest.mark.parametrize(
-    "stream_id", ["abc%0d%0aSet-Cookie:%20x=1", "%0a", "..%2f..%2fhealthz", "a" * 5000, "%00", "%ff%fe"]
+    "stream_id",
+    ["abc%0d%0aSet-Cookie:%20x=1", "%0a", "..%2f..%2fhealthz", "a" * 5000, "%00", "%ff%fe"],
 )
 async def test_hostile_stream_ids_are_404_without_header_injection(
     gateway: Gateway, stream_id: str
@@ -270,5 +283,7 @@ async def test_hostile_stream_ids_are_404_without_header_injection(
         status, headers, body = await raw(gateway, req.encode())
         assert_clean_4xx(status, body, (400, 401, 404))
         assert "set-cookie" not in headers
-        assert "\n" not in headers.get("x-request-id", "") and "\r" not in headers.get("x-request-id", "")
+        assert "\n" not in headers.get("x-request-id", "") and "\r" not in headers.get(
+            "x-request-id", ""
+        )
     await assert_healthy(gateway)

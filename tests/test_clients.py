@@ -61,7 +61,9 @@ async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bytes
             data += got
 
 
-async def access_lines(logs: list[MutableMapping[str, Any]], n: int) -> list[MutableMapping[str, Any]]:
+async def access_lines(
+    logs: list[MutableMapping[str, Any]], n: int
+) -> list[MutableMapping[str, Any]]:
     for _ in range(500):
         lines = [e for e in logs if e["event"] == "access"]
         if len(lines) >= n:
@@ -114,7 +116,9 @@ async def test_body_that_never_finishes_is_answered_408_after_body_timeout(
     with structlog.testing.capture_logs() as logs:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         if framing == "chunked":
-            head = post_head().replace(b"Content-Length: %d" % len(REQUEST), b"Transfer-Encoding: chunked")
+            head = post_head().replace(
+                b"Content-Length: %d" % len(REQUEST), b"Transfer-Encoding: chunked"
+            )
             writer.write(head + b"10\r\n" + REQUEST[:16] + b"\r\n")
         else:
             writer.write(post_head() + REQUEST[:10])
@@ -136,7 +140,9 @@ async def test_body_that_never_finishes_is_answered_408_after_body_timeout(
 def endless_upstream() -> tuple[web.Application, dict[str, Any]]:
     """An upstream that streams 1 KiB events as fast as it may, forever; counts what it wrote."""
     seen: dict[str, Any] = {"written": 0, "closed": asyncio.Event()}
-    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 1000}}]}).encode() + b"\n\n"
+    event = (
+        b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 1000}}]}).encode() + b"\n\n"
+    )
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await request.read()

@@ -180,10 +180,12 @@ _SCHEMA = {
     name: [f.name for f in dataclasses.fields(cls)]
     for name, cls in [
         ("server", config.ServerConfig), ("sse", config.SSEConfig), ("limits", config.LimitsConfig),
-        ("cors", config.CORSConfig), ("retry", config.RetryConfig), ("breaker", config.BreakerConfig),
+        ("cors", config.CORSConfig), ("retry", config.RetryConfig),
+        ("breaker", config.BreakerConfig),
         ("logging", config.LoggingConfig), ("metrics", config.MetricsConfig),
     ]
 }
+_KEYS = [k for keys in _SCHEMA.values() for k in keys]
 _values = st.one_of(
     st.integers(-(2**63), 2**63 - 1), st.floats(), st.booleans(), st.text(max_size=12),
     st.lists(st.text(max_size=8), max_size=3), st.lists(st.integers(), max_size=2),
@@ -195,7 +197,7 @@ _values = st.one_of(
 @given(
     tables=st.dictionaries(
         st.sampled_from(sorted(_SCHEMA)),
-        st.dictionaries(st.text(max_size=6) | st.sampled_from([k for keys in _SCHEMA.values() for k in keys]), _values, max_size=4),
+        st.dictionaries(st.text(max_size=6) | st.sampled_from(_KEYS), _values, max_size=4),
         max_size=4,
     ),
     env=st.dictionaries(st.sampled_from(["X", "Y"]), st.text(max_size=8), max_size=2),
@@ -206,7 +208,9 @@ def test_any_table_of_any_section_parses_or_names_its_problems(
     lines: list[str] = []
     for section, values in tables.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{json.dumps(k, ensure_ascii=False)} = {_toml_value(v)}" for k, v in values.items())
+        lines.extend(
+            f"{json.dumps(k, ensure_ascii=False)} = {_toml_value(v)}" for k, v in values.items()
+        )
     result = _parse_or_problems("\n".join(lines) + "\n" + MINIMAL, env)
     if isinstance(result, list):
         known = (*_SCHEMA, "(toml)", "upstreams", "auth", '""')

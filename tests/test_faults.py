@@ -28,8 +28,12 @@ Json = dict[str, Any]
 
 def chunk(content: str, finish: str | None = None) -> bytes:
     delta = {"content": content} if content else {}
-    obj = {"id": "c1", "object": "chat.completion.chunk", "model": "mock-gpt",
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    obj = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "mock-gpt",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -57,8 +61,12 @@ async def fault_handler(request: web.Request) -> web.StreamResponse:
     if kind == "bad-json":
         return web.Response(body=b'{"choices": [tru', content_type="application/json")
     if not (await request.json()).get("stream"):
-        return web.json_response({"choices": [{"message": {"content": "ok"}}],
-                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        return web.json_response(
+            {
+                "choices": [{"message": {"content": "ok"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
     resp = await _sse(request)
     if kind == "reset":
         # Write the first `arg` bytes of a good stream, then drop the socket (no chunked end).
@@ -77,9 +85,13 @@ async def fault_handler(request: web.Request) -> web.StreamResponse:
             await resp.write(block)
         await resp.write(b"\n\n")
     elif kind == "bad-utf8":
-        await resp.write(EVENTS[0] + b'data: {"choices": [{"delta": {"content": "\xff\xfe\xc3"}}]}\n\n')
+        await resp.write(
+            EVENTS[0] + b'data: {"choices": [{"delta": {"content": "\xff\xfe\xc3"}}]}\n\n'
+        )
     elif kind == "bad-json-chunk":
-        await resp.write(EVENTS[0] + b'data: {"choices": [{"delta": \n\n' + b'data: {"usage": {\xff\n\n')
+        await resp.write(
+            EVENTS[0] + b'data: {"choices": [{"delta": \n\n' + b'data: {"usage": {\xff\n\n'
+        )
     elif kind == "no-done":
         await resp.write(b"".join(EVENTS))
         await resp.write_eof()
@@ -127,7 +139,9 @@ def error_of(event: bytes) -> Json:
     return err
 
 
-async def then_serves_normally(gw: Gateway, http: aiohttp.ClientSession, logs: list[Any], n: int) -> None:
+async def then_serves_normally(
+    gw: Gateway, http: aiohttp.ClientSession, logs: list[Any], n: int
+) -> None:
     """After the fault: a good stream and a good JSON answer, both logged completed."""
     async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 200
@@ -143,7 +157,9 @@ async def then_serves_normally(gw: Gateway, http: aiohttp.ClientSession, logs: l
 # Seeded: the same six cut points every run, spread over the whole stream (some inside an
 # event, some right on a boundary, one before any byte).
 _rng = random.Random(9)
-RESET_POINTS = sorted({0, len(EVENTS[0]), *(_rng.randrange(1, len(GOOD) - len(DONE)) for _ in range(4))})
+RESET_POINTS = sorted(
+    {0, len(EVENTS[0]), *(_rng.randrange(1, len(GOOD) - len(DONE)) for _ in range(4))}
+)
 
 
 @pytest.mark.parametrize("cut", RESET_POINTS)
@@ -152,7 +168,9 @@ async def test_reset_mid_stream_ends_with_an_error_event_and_no_torn_event(
 ) -> None:
     with structlog.testing.capture_logs() as logs:
         async with http.post(
-            f"{faulty.url}/v1/chat/completions", json=chat_body(), headers={"x-fault": f"reset:{cut}"}
+            f"{faulty.url}/v1/chat/completions",
+            json=chat_body(),
+            headers={"x-fault": f"reset:{cut}"},
         ) as resp:
             assert resp.status == 200
             body = await resp.read()  # a clean end of the response, no exception
@@ -173,10 +191,14 @@ def _ends() -> list[int]:
     return out
 
 
-async def test_stall_before_headers_is_504_json(faulty: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_stall_before_headers_is_504_json(
+    faulty: Gateway, http: aiohttp.ClientSession
+) -> None:
     with structlog.testing.capture_logs() as logs:
         async with http.post(
-            f"{faulty.url}/v1/chat/completions", json=chat_body(), headers={"x-fault": "stall-headers:5"}
+            f"{faulty.url}/v1/chat/completions",
+            json=chat_body(),
+            headers={"x-fault": "stall-headers:5"},
         ) as resp:
             assert resp.status == 504
             assert (await resp.json())["error"]["type"] == "timeout"
@@ -190,7 +212,9 @@ async def test_stall_between_chunks_ends_with_a_timeout_event(
 ) -> None:
     with structlog.testing.capture_logs() as logs:
         async with http.post(
-            f"{faulty.url}/v1/chat/completions", json=chat_body(), headers={"x-fault": "stall-chunks:5"}
+            f"{faulty.url}/v1/chat/completions",
+            json=chat_body(),
+            headers={"x-fault": "stall-chunks:5"},
         ) as resp:
             body = await resp.read()
         events = events_of(body)
@@ -256,7 +280,9 @@ async def test_200_that_is_not_what_was_asked_for_is_502_json(
     stream = fault == "non-sse"
     with structlog.testing.capture_logs() as logs:
         async with http.post(
-            f"{faulty.url}/v1/chat/completions", json=chat_body(stream=stream), headers={"x-fault": fault}
+            f"{faulty.url}/v1/chat/completions",
+            json=chat_body(stream=stream),
+            headers={"x-fault": fault},
         ) as resp:
             assert resp.status == 502
             assert resp.content_type == "application/json"
@@ -286,7 +312,12 @@ async def test_every_fault_in_a_row_leaves_no_task_and_no_upstream_connection(
     faulty: Gateway, http: aiohttp.ClientSession
 ) -> None:
     faults = [f"reset:{p}" for p in RESET_POINTS] + [
-        "stall-chunks:5", "huge-line:2097152", "bad-utf8", "bad-json-chunk", "no-done", "non-sse",
+        "stall-chunks:5",
+        "huge-line:2097152",
+        "bad-utf8",
+        "bad-json-chunk",
+        "no-done",
+        "non-sse",
     ]
     for fault in faults:
         async with http.post(

@@ -28,7 +28,9 @@ from .conftest import TEST_KEY, UPSTREAM_KEY, StartUpstream, chat_body
 
 JWT_SECRET = "jwt-signing-secret-Zq8vN3kT5wR1yH7mC2pL-0123456789"
 CLIENT_JWT = jwt.encode({"sub": "tester", "aud": "gw"}, JWT_SECRET, algorithm="HS256")
-FORGED_JWT = jwt.encode({"sub": "tester", "aud": "gw"}, "not-the-secret-xxxxxxxxxxxxxxxxxxxxxxxx", algorithm="HS256")
+FORGED_JWT = jwt.encode(
+    {"sub": "tester", "aud": "gw"}, "not-the-secret-xxxxxxxxxxxxxxxxxxxxxxxx", algorithm="HS256"
+)
 WRONG_KEY = TEST_KEY[:-4] + "zzzz"  # a near miss is a secret too (a typo of the real one)
 SECRETS = {
     "client key": TEST_KEY,
@@ -51,8 +53,13 @@ async def echo_credentials(request: web.Request, handler: Any) -> web.StreamResp
     """An upstream that quotes the credential it was sent in its 401, as real ones do."""
     if request.headers.get("x-fault") == "echo-auth":
         auth = request.headers.get("Authorization", "")
-        body = {"error": {"message": f"Incorrect API key provided: {auth}.", "type": "invalid_request_error",
-                          "code": "invalid_api_key"}}
+        body = {
+            "error": {
+                "message": f"Incorrect API key provided: {auth}.",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+        }
         return web.json_response(body, status=401)
     return await handler(request)
 
@@ -92,11 +99,22 @@ attempts = 1
 level = "debug"
 format = "json"
 """)
-    env = {**os.environ, "GW_JWT_SECRET": JWT_SECRET, "GW_UPSTREAM_KEY": UPSTREAM_KEY,
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "GW_JWT_SECRET": JWT_SECRET,
+        "GW_UPSTREAM_KEY": UPSTREAM_KEY,
+        "PYTHONUNBUFFERED": "1",
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(conf),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(conf),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
     lines: list[str] = []
@@ -143,7 +161,9 @@ def battery() -> list[tuple[str, str, dict[str, str], bytes | None]]:
         b"{not json " + TEST_KEY.encode(),
         json.dumps({"model": TEST_KEY, "messages": []}).encode(),
         json.dumps({"model": "m", "messages": [{"role": JWT_SECRET}]}).encode(),
-        json.dumps({"model": CLIENT_JWT, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        json.dumps(
+            {"model": CLIENT_JWT, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}
+        ).encode(),
         json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 2_000_000}])).encode(),
     ]
     for h in creds:
@@ -156,17 +176,28 @@ def battery() -> list[tuple[str, str, dict[str, str], bytes | None]]:
         cases.append(("POST", "/v1/streams", h, b"{bad"))
         cases.append(("GET", "/v1/usage", h, None))
         # Upstream error paths: a 401 quoting the upstream key, 5xx, a stall, a cut stream.
-        for fault in ({"x-fault": "echo-auth"}, {"x-mock-status": "503"}, {"x-mock-status": "401"},
-                      {"x-mock-first-byte-delay": "1"}, {"x-mock-fail-after": "2"}):
+        for fault in (
+            {"x-fault": "echo-auth"},
+            {"x-mock-status": "503"},
+            {"x-mock-status": "401"},
+            {"x-mock-first-byte-delay": "1"},
+            {"x-mock-fail-after": "2"},
+        ):
             cases.append(("POST", "/v1/chat/completions", {**h, **fault}, good))
         # A secret where a request id or an arbitrary forwarded header goes.
-        cases.append(("GET", "/healthz", {**h, "X-Request-ID": TEST_KEY, "x-secret": JWT_SECRET,
-                                          "traceparent": CLIENT_JWT}, None))
+        cases.append(
+            (
+                "GET",
+                "/healthz",
+                {**h, "X-Request-ID": TEST_KEY, "x-secret": JWT_SECRET, "traceparent": CLIENT_JWT},
+                None,
+            )
+        )
     return cases
 
 
 async def test_no_secret_in_any_response_log_line_or_metric(
-    gateway_process: tuple[str, list[str]]
+    gateway_process: tuple[str, list[str]],
 ) -> None:
     base, lines = gateway_process
     captured: list[str] = []
@@ -181,7 +212,9 @@ async def test_no_secret_in_any_response_log_line_or_metric(
                 statuses.append(resp.status)
                 # The request id is the one header that may repeat what this client sent.
                 shown = {k: v for k, v in resp.headers.items() if k.lower() != "x-request-id"}
-                captured.append(f"{resp.status} {resp.reason} {shown} {data.decode(errors='replace')}")
+                captured.append(
+                    f"{resp.status} {resp.reason} {shown} {data.decode(errors='replace')}"
+                )
                 rid = resp.headers.get("X-Request-ID", "")
                 if rid == headers.get("X-Request-ID"):
                     continue
@@ -194,7 +227,10 @@ async def test_no_secret_in_any_response_log_line_or_metric(
     assert any(s >= 400 for s in statuses) and any(s == 200 for s in statuses)
     everything = "\n".join(captured) + logs
     leaks = [
-        (name, frag) for name, secret in SECRETS.items() for frag in fragments(secret) if frag in everything
+        (name, frag)
+        for name, secret in SECRETS.items()
+        for frag in fragments(secret)
+        if frag in everything
     ]
     assert leaks == [], leaks
     assert "Traceback" not in everything

@@ -114,7 +114,9 @@ async def one(http: aiohttp.ClientSession, base: str, run: Run, kind: str) -> in
         async with http.post(url, json=chat(True), headers={**h, "x-mock-fail-after": "3"}) as r:
             await r.read()
     elif kind == "fault_slow":
-        async with http.post(url, json=chat(True), headers={**h, "x-mock-first-byte-delay": "1.5"}) as r:
+        async with http.post(
+            url, json=chat(True), headers={**h, "x-mock-first-byte-delay": "1.5"}
+        ) as r:
             await r.read()
     return r.status
 
@@ -149,7 +151,9 @@ async def detached(http: aiohttp.ClientSession, base: str, run: Run, h: dict[str
                 return 201
 
 
-async def worker(http: aiohttp.ClientSession, base: str, run: Run, until: float, rng: random.Random) -> None:
+async def worker(
+    http: aiohttp.ClientSession, base: str, run: Run, until: float, rng: random.Random
+) -> None:
     kinds = [k for k in KINDS if run.detached or k != "detached"]
     weights = [KINDS[k][0] for k in kinds]
     while time.monotonic() < until:
@@ -253,7 +257,9 @@ format = "json"
 """
 
 
-async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None = None) -> dict[str, Any]:
+async def soak(
+    seconds: float, concurrency: int, seed: int, warmup: float | None = None
+) -> dict[str, Any]:
     random.seed(seed)
     mock = create_mock_app(MockSettings(chunks=8, delay=0.005, api_key=UPSTREAM_KEY))
     runner = web.AppRunner(mock, handler_cancellation=True, access_log=None)
@@ -267,17 +273,33 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
     env = {**os.environ, "SOAK_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONUNBUFFERED": "1"}
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.soak.serve_probe", "--config", str(work / "config.toml"),
-            stdout=out, stderr=err, env=env, cwd=ROOT,
+            sys.executable,
+            "-m",
+            "tests.soak.serve_probe",
+            "--config",
+            str(work / "config.toml"),
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=ROOT,
         )
-    summary: dict[str, Any] = {"seconds": seconds, "concurrency": concurrency, "seed": seed, "logs": str(work)}
+    summary: dict[str, Any] = {
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "seed": seed,
+        "logs": str(work),
+    }
     try:
         port = await wait_port(out_path, proc)
         base = f"http://127.0.0.1:{port}"
         run = Run()
         connector = aiohttp.TCPConnector(limit=concurrency * 2)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
-            async with http.post(f"{base}/v1/streams", json=chat(True), headers={"Authorization": f"Bearer {KEY}"}) as r:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
+            async with http.post(
+                f"{base}/v1/streams", json=chat(True), headers={"Authorization": f"Bearer {KEY}"}
+            ) as r:
                 run.detached = r.status == 201
                 if run.detached:  # read it to its end so it does not linger
                     url = (await r.json())["url"]
@@ -288,7 +310,9 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
             t0 = time.monotonic()
             rng = random.Random(seed)
             workers = [
-                asyncio.create_task(worker(http, base, run, t0 + seconds, random.Random(rng.random())))
+                asyncio.create_task(
+                    worker(http, base, run, t0 + seconds, random.Random(rng.random()))
+                )
                 for _ in range(concurrency)
             ]
             await asyncio.sleep(warm)
@@ -309,7 +333,9 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
                 text = await r.text()
                 metrics_total = sum(
                     float(m.group(1))
-                    for m in re.finditer(r"^gateway_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE)
+                    for m in re.finditer(
+                        r"^gateway_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE
+                    )
                 )
         state = mock[MOCK_STATE]
     finally:
@@ -338,7 +364,8 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
         "upstream_in_use": state.open_streams,
         "upstream_close_wait": upstream_socks.get("CLOSE_WAIT", 0),
         "upstream_beyond_idle": max(0, upstream_socks.get("ESTABLISHED", 0) - idle_limit),
-        "client_sockets_left": client_socks.get("ESTABLISHED", 0) + client_socks.get("CLOSE_WAIT", 0),
+        "client_sockets_left": client_socks.get("ESTABLISHED", 0)
+        + client_socks.get("CLOSE_WAIT", 0),
     }
     summary.update(
         requests=len(run.sent),
@@ -365,7 +392,10 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
     )
     failures = []
     if missing or doubled:
-        failures.append(f"access log: {len(missing)} missing, {len(doubled)} doubled (e.g. {(missing or doubled)[:3]})")
+        failures.append(
+            f"access log: {len(missing)} missing, {len(doubled)} doubled"
+            f" (e.g. {(missing or doubled)[:3]})"
+        )
     if wrong:
         failures.append(f"unexpected outcomes {dict(wrong)}")
     if run.errors:
@@ -383,9 +413,15 @@ async def soak(seconds: float, concurrency: int, seed: int, warmup: float | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", "600")))
-    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("SOAK_CONCURRENCY", "24")))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", "600"))
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=int(os.environ.get("SOAK_CONCURRENCY", "24"))
+    )
     parser.add_argument("--seed", type=int, default=9)
     args = parser.parse_args(argv)
     summary = asyncio.run(soak(args.seconds, args.concurrency, args.seed))
