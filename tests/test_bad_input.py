@@ -174,7 +174,7 @@ BODIES: dict[str, bytes] = {
     "infinite-number": b'{"model": "m", "temperature": 1e999, "messages": ' + X,
     "nan": b'{"model": "m", "temperature": NaN, "messages": ' + X,
     "trailing-garbage": M + b'"x"}]} {}',
-    "utf16": '{"model": "m", "messages": ' + X.encode("utf-16"),
+    "utf16": ('{"model": "m", "messages": ' + X.decode()).encode("utf-16"),
     "model-not-string": b'{"model": ["m"], "messages": ' + X,
     "model-empty": b'{"model": "", "messages": ' + X,
     "stream-not-bool": b'{"model": "m", "stream": "yes", "messages": ' + X,
