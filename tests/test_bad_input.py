@@ -287,3 +287,41 @@ async def test_hostile_stream_ids_are_404_without_header_injection(
             "x-request-id", ""
         )
     await assert_healthy(gateway)
+
+
+# ------------------------------------------------------------------ credentials
+
+AUTH_HEADERS = {
+    "empty-bearer": b"Authorization: Bearer \r\n",
+    "bearer-only-spaces": b"Authorization: Bearer      \r\n",
+    "basic-scheme": b"Authorization: Basic dXNlcjpwYXNz\r\n",
+    "no-scheme": b"Authorization: gw-not-a-real-key-000000000000000000000000\r\n",
+    "obs-text-token": b"Authorization: Bearer gw-\xff\xfe\xc3\xa9\r\n",
+    "nul-in-token": b"Authorization: Bearer gw-a\x00b\r\n",
+    "cr-in-token": b"Authorization: Bearer gw-a\rb\r\n",
+    "two-authorization-headers": b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n",
+    "jwt-with-none-alg": b"Authorization: Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ0ZXN0ZXIifQ.\r\n",
+    "jwt-garbage-segments": b"Authorization: Bearer e.y.J\r\n",
+    "jwt-bad-base64": b"Authorization: Bearer eyJ%%%.eyJ%%%.sig\r\n",
+    "huge-token": b"Authorization: Bearer " + b"a" * 8000 + b"\r\n",
+    "token-over-header-limit": b"Authorization: Bearer " + b"a" * 9000 + b"\r\n",
+    "x-api-key-empty": b"x-api-key: \r\n",
+    "x-api-key-unicode": "x-api-key: gw-\u202e\U0001f600\r\n".encode(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTH_HEADERS))
+async def test_odd_credentials_are_a_clean_401_or_400(
+    gateway_factory: GatewayFactory, upstream: Upstream, case: str
+) -> None:
+    gw = await gateway_factory(
+        upstream.url, auth={"mode": "keys+jwt"}, **{"auth.jwt": {"secret": "s" * 40}}
+    )
+    req = post().replace(b"Connection: close\r\n", b"Connection: close\r\n" + AUTH_HEADERS[case])
+    status, headers, body = await raw(gw, req)
+    assert_clean_4xx(status, body, (400, 401))
+    if status == 401:
+        assert json.loads(body)["error"]["type"] == "authentication_error"
+        assert headers["www-authenticate"].startswith("Bearer")
+    assert upstream.state.requests.total() == 0
+    await assert_healthy(gw)
