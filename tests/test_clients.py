@@ -137,6 +137,39 @@ async def test_body_that_never_finishes_is_answered_408_after_body_timeout(
     await healthy(gw)
 
 
+async def test_fifty_stalled_bodies_hold_memory_only_until_their_408(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    # What a stalled body may hold is bounded twice: max_body_bytes each, body_timeout long.
+    gw = await gateway_factory(upstream.url, server={"body_timeout": 1.0})
+    gc.collect()
+    before = rss()
+    part = b"x" * (200 << 10)
+
+    async def stall() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(post_head(length=1 << 20) + part)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+
+    t0 = time.monotonic()
+    statuses = await asyncio.gather(*(stall() for _ in range(50)))
+    assert all(s.startswith(b"HTTP/1.1 408") for s in statuses), set(statuses)
+    assert time.monotonic() - t0 < 1.0 + 4.0
+    await healthy(gw)
+    gc.collect()
+    assert rss() - before < 40 << 20  # 50 x 200 KiB were held for a second, then let go
+    for _ in range(100):
+        if not gw.runner.server.connections:
+            break
+        await asyncio.sleep(0.1)
+    assert not gw.runner.server.connections
+    assert upstream.state.requests["/v1/chat/completions"] == 0
+
+
 def endless_upstream() -> tuple[web.Application, dict[str, Any]]:
     """An upstream that streams 1 KiB events as fast as it may, forever; counts what it wrote."""
     seen: dict[str, Any] = {"written": 0, "closed": asyncio.Event()}
