@@ -21,6 +21,7 @@ from .sse import EventSplitter, SSEError
 from .state import CONFIG, DRAIN, EXCHANGE, IDENTITY, METRICS, UPSTREAMS
 from .upstream import forward_headers, relay_headers
 from .usage import Usage, UsageTap, ensure_usage_requested
+from .writeguard import WriteGuard
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -39,68 +40,38 @@ class Heartbeat:
     One timer per stream, re-armed lazily: the hot path only stores the clock in `last`;
     the timer, when it fires early, sleeps again until `last + interval`.
 
-    With a `transport` and a `write_timeout`, the same timer is the write deadline: a client
-    that has taken no byte from a non-empty send buffer for `write_timeout` seconds (it stopped
-    reading) is dropped, checked once per firing, so at no cost per chunk. aiohttp's `write()`
-    waits for drain without limit; this bounds the wait (and what is buffered for the client
-    stays within the transport's high-water mark plus one block).
+    With a `guard`, the same timer is the write deadline (see `gateway.writeguard`): a client
+    that has taken no byte for the guard's timeout is dropped, checked once per firing, so
+    at no cost per chunk.
     """
 
-    __slots__ = (
-        "_buffered",
-        "_handle",
-        "_interval",
-        "_loop",
-        "_out",
-        "_progress",
-        "_task",
-        "_transport",
-        "_write_timeout",
-        "last",
-    )
+    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_out", "_task", "last")
 
     def __init__(
-        self,
-        out: web.StreamResponse,
-        interval: float,
-        *,
-        transport: asyncio.Transport | None = None,
-        write_timeout: float = 0.0,
+        self, out: web.StreamResponse, interval: float, *, guard: WriteGuard | None = None
     ) -> None:
         self._out = out
         self._interval = interval
         self._loop = asyncio.get_running_loop()
         self.last = self._loop.time()
         self._task: asyncio.Task[None] | None = None
-        self._transport = transport if write_timeout > 0 else None
-        self._write_timeout = write_timeout
-        self._buffered = 0
-        self._progress = self.last
+        self._guard = guard
         self._handle = self._loop.call_at(self.last + interval, self._fire)
 
     def _fire(self) -> None:
         now = self._loop.time()
-        if self._transport is not None and self._client_stalled(now):
-            self._handle.cancel()
-            self._transport.abort()  # the handler is cancelled: outcome client_disconnected
+        guard = self._guard
+        if guard is not None and guard.stalled(now):
+            guard.drop()  # the handler is cancelled: outcome client_disconnected
             return
         due = self.last + self._interval
         if now >= due - 0.001:
-            # No ping while bytes still wait in the send buffer: the line is not silent, and
-            # pings piling up there would look like progress to the write deadline.
-            if (self._task is None or self._task.done()) and not self._buffered:
+            # No ping while bytes still wait to be sent: the line is not silent.
+            if (self._task is None or self._task.done()) and not (guard and guard.pending):
                 self._task = self._loop.create_task(self._ping())
             self.last = now
             due = now + self._interval
         self._handle = self._loop.call_at(due, self._fire)
-
-    def _client_stalled(self, now: float) -> bool:
-        assert self._transport is not None
-        size = self._transport.get_write_buffer_size()
-        if size == 0 or size != self._buffered:
-            self._buffered, self._progress = size, now  # empty, or the client took bytes
-            return False
-        return now - self._progress >= self._write_timeout
 
     async def _ping(self) -> None:
         try:
@@ -231,8 +202,7 @@ async def _relay_stream(
     heartbeat = Heartbeat(
         out,
         cfg.sse.heartbeat_interval,
-        transport=request.transport,
-        write_timeout=cfg.sse.write_timeout,
+        guard=WriteGuard(request, cfg.sse.write_timeout, asyncio.get_running_loop().time()),
     )
     loop = asyncio.get_running_loop()
     read = resp.content.readany

@@ -1,0 +1,88 @@
+"""The write deadline for long responses: drop a client that stopped reading.
+
+aiohttp's `StreamResponse.write()` waits for the socket to drain without limit, so a client
+that keeps its connection open but reads nothing would hold a stream (its handler, its slot,
+its upstream connection) forever. What it can make the gateway buffer is already bounded (the
+transport pauses at its high-water mark, and `write()` then waits), so time is what needs the
+bound.
+
+A `WriteGuard` is sampled once per timer tick, never per chunk: progress is the number of
+bytes the kernel has taken (everything handed to the transport minus what still waits in its
+buffer). Pending bytes with no progress for `timeout` seconds: the connection is reset, which
+cancels the handler (`handler_cancellation`) and ends the request as `client_disconnected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class WriteGuard:
+    """Decides, when asked, whether the client has taken no byte for `timeout` seconds."""
+
+    __slots__ = ("_flushed", "_progress", "_timeout", "_transport", "_writer")
+
+    def __init__(self, request: web.BaseRequest, timeout: float, now: float) -> None:
+        self._writer: AbstractStreamWriter = request.writer
+        self._transport = request.transport
+        self._timeout = timeout
+        self._flushed = -1
+        self._progress = now
+
+    @property
+    def pending(self) -> int:
+        """Bytes handed to the transport that the kernel has not taken yet."""
+        t = self._transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
+    def stalled(self, now: float) -> bool:
+        """True when bytes have been pending with no progress for `timeout` seconds."""
+        pending = self.pending
+        flushed = self._writer.output_size - pending
+        if pending == 0 or flushed != self._flushed:
+            self._flushed, self._progress = flushed, now
+            return False
+        return now - self._progress >= self._timeout
+
+    def drop(self) -> None:
+        """Reset the connection: with SO_LINGER 0 the kernel sends RST and frees the send
+        buffer now, instead of keeping an orphaned socket full of data the client never takes."""
+        t = self._transport
+        if t is None:
+            return
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        t.abort()
+
+
+class WriteDeadline:
+    """A `WriteGuard` on its own timer, for streams with no heartbeat timer to share.
+
+    Checks every `interval` seconds; stop() when the response ends."""
+
+    __slots__ = ("_guard", "_handle", "_interval", "_loop")
+
+    def __init__(self, request: web.BaseRequest, timeout: float, interval: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._interval = interval
+        self._guard = WriteGuard(request, timeout, self._loop.time())
+        self._handle = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self._guard.stalled(self._loop.time()):
+            self._guard.drop()
+            return
+        self._handle = self._loop.call_later(self._interval, self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
