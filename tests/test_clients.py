@@ -264,3 +264,51 @@ async def test_thousands_of_connections_opened_and_dropped(
     gc.collect()
     assert rss() - before < 30 << 20
     assert upstream.state.open_streams == 0
+
+
+async def test_detached_stream_reader_that_stops_reading_is_dropped(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await gateway_factory(upstream.url, sse={"heartbeat_interval": 0.25, "write_timeout": 1.0})
+    big = {"x-mock-chunks": "4000", "x-mock-chunk-size": "200"}  # ~5 MB of deltas, at once
+    body = json.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in big.items())
+    writer.write(post_head(len(body), extra).replace(b"/chat/completions", b"/streams", 1))
+    writer.write(body.encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 201")
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    url = json.loads(await reader.readexactly(length))["url"]
+    writer.close()
+    with structlog.testing.capture_logs() as logs:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        await reader.readexactly(4096)  # events flow; now this reader reads nothing more
+        t0 = time.monotonic()
+        got = await closed_by_server_unread(writer, within=1.0 + 0.25 + 4.0)
+        took = time.monotonic() - t0
+        lines = await access_lines(logs, 1)
+    writer.close()
+    assert got, "the gateway never dropped the stalled reader"
+    assert took < 1.0 + 0.25 + 4.0, took
+    assert lines[-1]["outcome"] == "client_disconnected"
+    await healthy(gw)
+
+
+async def closed_by_server_unread(writer: asyncio.StreamWriter, within: float) -> bool:
+    """Wait, without reading, until the server has closed (or reset) this connection."""
+    sock = writer.transport.get_extra_info("socket")
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        # TCP_INFO state (first byte): 1 ESTABLISHED; 7 CLOSE, 8 CLOSE_WAIT once the peer left.
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        if state != 1:
+            return True
+    return False

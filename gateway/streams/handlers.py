@@ -25,6 +25,7 @@ from ..sse import encode_event
 from ..state import CONFIG, EVENT_LOG, EXCHANGE, IDENTITY, SLOT, STREAM_TASKS, UPSTREAMS
 from ..upstream import forward_headers
 from ..usage import ensure_usage_requested
+from ..writeguard import WriteDeadline
 from . import generation
 
 # What one read may return; a reader far behind catches up in batches of this size.
@@ -114,6 +115,8 @@ async def follow_stream(request: web.Request) -> web.StreamResponse:
     resp = EventSourceResponse(sep="\n", ping_interval=sse_cfg.heartbeat_interval)
     await resp.prepare(request)
     ex.status = 200
+    # A reader that stops reading is dropped after write_timeout (aiohttp waits forever).
+    deadline = WriteDeadline(request, sse_cfg.write_timeout, sse_cfg.heartbeat_interval)
     try:
         await resp.write(encode_event(retry=sse_cfg.retry_ms))
         age = sse_cfg.max_connection_age
@@ -140,6 +143,7 @@ async def follow_stream(request: web.Request) -> web.StreamResponse:
             pass  # max_connection_age: close; EventSource resumes after its last id
         await resp.write_eof()
     finally:
+        deadline.stop()
         resp.stop_streaming()
     return resp
 
