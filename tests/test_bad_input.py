@@ -251,6 +251,17 @@ TRAVERSALS = [
     "/%c0%ae%c0%ae/config.toml",
     "/v1/../../../etc/passwd",
     "/v1/models/..%2f..%2fetc%2fpasswd",
+    "/static/demo.js%00.txt",
+    "/static/demo.js/..",
+    "/static/.%2e/config.toml",
+    "/static/..",
+    "/static/%2e%2e",
+    "/static/DEMO.JS",
+    "/static/../gateway/config.py",
+    "/static/..%2f__init__.py",
+    "/static/%2fetc%2fpasswd",
+    "/static/~root",
+    "/demo/config/../../config.toml",
 ]
 
 
@@ -262,6 +273,7 @@ async def test_path_traversal_never_reads_outside_the_static_files(
         gateway, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode()
     )
     assert b"root:" not in body and b"[[upstreams]]" not in body and b"api_key" not in body
+    assert b"import " not in body  # no Python source of the package either
     if status == 200:
         # Normalised to a real public page (the demo page): fine, as long as it is that page.
         assert b"<html" in body.lower() or b"<!doctype" in body.lower(), body[:200]
@@ -281,7 +293,8 @@ async def test_hostile_stream_ids_are_404_without_header_injection(
     for method in ("GET", "DELETE"):
         req = f"{method} /v1/streams/{stream_id} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
         status, headers, body = await raw(gateway, req.encode())
-        assert_clean_4xx(status, body, (400, 401, 404))
+        assert_clean_4xx(status, body, 404)
+        assert json.loads(body)["error"]["type"] == "not_found_error"
         assert "set-cookie" not in headers
         assert "\n" not in headers.get("x-request-id", "") and "\r" not in headers.get(
             "x-request-id", ""
@@ -325,3 +338,38 @@ async def test_odd_credentials_are_a_clean_401_or_400(
         assert headers["www-authenticate"].startswith("Bearer")
     assert upstream.state.requests.total() == 0
     await assert_healthy(gw)
+
+
+async def test_the_static_files_themselves_are_served(gateway: Gateway) -> None:
+    """The traversal cases above are refused, not everything: the real files are there."""
+    for path, kind in (("/", b"text/html"), ("/static/demo.js", b"text/javascript")):
+        status, headers, _ = await raw(
+            gateway, f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status == 200
+        assert headers["content-type"].encode().startswith(kind)
+        assert headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        "?last_event_id=%0d%0aSet-Cookie:%20x",
+        "?last_event_id=-1",
+        "?last_event_id=1e3",
+        "?last_event_id=99999999999999999999999",
+        "?last_event_id=%ef%bc%91",
+    ],
+)
+async def test_hostile_resume_points_on_a_real_stream_are_400(
+    gateway: Gateway, http: aiohttp.ClientSession, resume: str
+) -> None:
+    async with http.post(f"{gateway.url}/v1/streams", json=chat_body()) as resp:
+        assert resp.status == 201
+        url = (await resp.json())["url"]
+    req = f"GET {url}{resume} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    status, headers, body = await raw(gateway, req.encode())
+    assert_clean_4xx(status, body, 400)
+    assert "set-cookie" not in headers
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    await assert_healthy(gateway)
