@@ -327,16 +327,13 @@ async def soak(
         tasks1 = await probe_tasks(proc, err_path)
         upstream_socks = sockets(proc.pid, mock_port, remote=True)
         client_socks = sockets(proc.pid, port, remote=False)
-        metrics_total = None
+        metrics: Counter[str] | None = None  # requests_total by status, as scraped
         async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as r:
             if r.status == 200:
-                text = await r.text()
-                metrics_total = sum(
-                    float(m.group(1))
-                    for m in re.finditer(
-                        r"^gateway_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.MULTILINE
-                    )
-                )
+                metrics = Counter()
+                pattern = r'^gateway_requests_total\{.*status="(\d+)".*\} ([0-9.e+]+)$'
+                for m in re.finditer(pattern, await r.text(), re.MULTILINE):
+                    metrics[m.group(1)] += int(float(m.group(2)))
         state = mock[MOCK_STATE]
     finally:
         if proc.returncode is None:
@@ -379,7 +376,7 @@ async def soak(
         unexpected_outcomes=dict(wrong),
         driver_errors=dict(run.errors),
         detached_streams=run.detached,
-        metrics_requests_total=metrics_total,
+        metrics_requests_total=None if metrics is None else sum(metrics.values()),
         tasks_before=tasks0,
         tasks_after=tasks1,
         upstream_sockets=dict(upstream_socks),
@@ -400,8 +397,10 @@ async def soak(
         failures.append(f"unexpected outcomes {dict(wrong)}")
     if run.errors:
         failures.append(f"driver saw errors {dict(run.errors)}")
-    if metrics_total is not None and metrics_total < len(run.sent):
-        failures.append(f"/metrics counts {metrics_total} requests, {len(run.sent)} were sent")
+    # Every access line before the scrape is in /metrics, with the same status.
+    logged = Counter(str(line.get("status")) for line in access if line.get("path") != "/metrics")
+    if metrics is not None and metrics != logged:
+        failures.append(f"/metrics by status {dict(metrics)} != access log {dict(logged)}")
     if any(leaks.values()):
         failures.append(f"leaks {leaks}")
     if growth >= 0.10:
