@@ -115,7 +115,7 @@ async def one(http: aiohttp.ClientSession, base: str, run: Run, kind: str) -> in
             await r.read()
     elif kind == "fault_slow":
         async with http.post(
-            url, json=chat(True), headers={**h, "x-mock-first-byte-delay": "1.5"}
+            url, json=chat(True), headers={**h, "x-mock-first-byte-delay": "3"}
         ) as r:
             await r.read()
     return r.status
@@ -242,7 +242,7 @@ per_ip_rpm = 0
 name = "mock"
 base_url = "{upstream}"
 api_key = "${{SOAK_UPSTREAM_KEY}}"
-first_byte_timeout = 1.0
+first_byte_timeout = 2.0
 idle_timeout = 5.0
 [retry]
 attempts = 2
