@@ -229,6 +229,10 @@ port = 0
 shutdown_grace = 2
 [sse]
 heartbeat_interval = 5.0
+# Ended detached streams stay replayable for resume_ttl (600 s by default): memory held by
+# design, growing for that long. A short ttl reaches that steady state within the warm-up,
+# so RSS growth after it measures leaks, not retention.
+resume_ttl = 5
 [auth]
 mode = "keys"
 [[auth.keys]]
