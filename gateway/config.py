@@ -156,6 +156,8 @@ class SSEConfig:
     write_timeout: float = _check(_positive, 30.0)
     max_log_events: int = _check(_at_least(1), 100_000)
     max_log_bytes: int = _check(_at_least(1024), 16 << 20)
+    # All ended detached streams kept for resuming, together (oldest dropped first).
+    max_retained_bytes: int = _check(_at_least(1024), 256 << 20)
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,10 +102,18 @@ class _Log:
 class MemoryEventLog:
     """`EventLog` in this process's memory: for one gateway process (`backend = "memory"`)."""
 
-    def __init__(self, *, max_events: int, max_bytes: int, ttl: float) -> None:
+    def __init__(
+        self, *, max_events: int, max_bytes: int, ttl: float, max_retained_bytes: int = 0
+    ) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.ttl = ttl
+        # Ended logs are kept `ttl` seconds for replay: without a cap their total grows with
+        # the rate of streams times the ttl. Over the cap, the oldest ended ones go first
+        # (a late resume of those gets 404, as after the ttl). 0: no cap.
+        self.max_retained_bytes = max_retained_bytes
+        self._retained = 0
+        self._ended: dict[str, None] = {}  # ended ids, oldest first
         self._logs: dict[str, _Log] = {}
 
     def __len__(self) -> int:
@@ -139,10 +147,22 @@ class MemoryEventLog:
             log.ended = True
             log.end.set()
             loop = asyncio.get_running_loop()
-            log.expiry = loop.call_later(self.ttl, self._logs.pop, stream_id, None)
+            log.expiry = loop.call_later(self.ttl, self._free, stream_id)
+            self._retained += log.bytes
+            self._ended[stream_id] = None
+            while self.max_retained_bytes and self._retained > self.max_retained_bytes:
+                self._free(next(iter(self._ended)))
         async with log.changed:
             log.changed.notify_all()
         return event.id
+
+    def _free(self, stream_id: str) -> None:
+        log = self._logs.pop(stream_id, None)
+        if log is not None and stream_id in self._ended:
+            del self._ended[stream_id]
+            self._retained -= log.bytes
+            if log.expiry is not None:
+                log.expiry.cancel()
 
     async def _end(self, stream_id: str, log: _Log, kind: str, data: str) -> None:
         await self._add(stream_id, log, kind, data, len(data.encode()))
@@ -186,3 +206,5 @@ class MemoryEventLog:
             if log.expiry is not None:
                 log.expiry.cancel()
         self._logs.clear()
+        self._ended.clear()
+        self._retained = 0

@@ -66,7 +66,10 @@ async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
     memory: MemoryEventLog | None = None
     if EVENT_LOG not in app:
         memory = MemoryEventLog(
-            max_events=cfg.max_log_events, max_bytes=cfg.max_log_bytes, ttl=cfg.resume_ttl
+            max_events=cfg.max_log_events,
+            max_bytes=cfg.max_log_bytes,
+            ttl=cfg.resume_ttl,
+            max_retained_bytes=cfg.max_retained_bytes,
         )
         app[EVENT_LOG] = memory
     drain = app[DRAIN] if DRAIN in app else None
