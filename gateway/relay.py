@@ -226,16 +226,27 @@ async def _relay_stream(
                     break
                 block = splitter.feed(data)
             except TimeoutError:
-                failure = ("timeout", sse_error_event("upstream timed out", "timeout", "upstream_timeout"))
+                failure = (
+                    "timeout",
+                    sse_error_event("upstream timed out", "timeout", "upstream_timeout"),
+                )
                 break
             except ShuttingDown as exc:
                 failure = ("timeout", exc.sse_event())
                 break
             except SSEError as exc:
-                failure = ("upstream_error", sse_error_event(str(exc), "upstream_error", "event_too_large"))
+                failure = (
+                    "upstream_error",
+                    sse_error_event(str(exc), "upstream_error", "event_too_large"),
+                )
                 break
             except aiohttp.ClientError:
-                failure = ("upstream_error", sse_error_event("upstream connection lost", "upstream_error", "upstream_disconnected"))
+                failure = (
+                    "upstream_error",
+                    sse_error_event(
+                        "upstream connection lost", "upstream_error", "upstream_disconnected"
+                    ),
+                )
                 break
             if block:
                 block = tap.process(block)
@@ -251,7 +262,12 @@ async def _relay_stream(
         if failure is None and not tap.done and request.path != "/v1/responses":
             # The upstream closed without `data: [DONE]`: the client must not mistake
             # a cut stream for a finished one.
-            failure = ("upstream_error", sse_error_event("upstream ended the stream early", "upstream_error", "stream_truncated"))
+            failure = (
+                "upstream_error",
+                sse_error_event(
+                    "upstream ended the stream early", "upstream_error", "stream_truncated"
+                ),
+            )
         if failure is not None:
             ex.outcome = failure[0]
             await out.write(failure[1])

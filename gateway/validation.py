@@ -21,8 +21,10 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
     """The raw body and its JSON object; 415 / 413 / 400 when it is not one."""
     ctype = request.headers.get("Content-Type")
     # A missing Content-Type is read as JSON (curl -d without -H sends form type; SDKs send JSON).
-    if ctype is not None and request.content_type not in ("application/json", "text/json") and not (
-        request.content_type.endswith("+json")
+    if (
+        ctype is not None
+        and request.content_type not in ("application/json", "text/json")
+        and not (request.content_type.endswith("+json"))
     ):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}"
@@ -36,7 +38,9 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
         async with asyncio.timeout(server.body_timeout):
             raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body is larger than {server.max_body_bytes} bytes") from None
+        raise PayloadTooLarge(
+            f"Request body is larger than {server.max_body_bytes} bytes"
+        ) from None
     except TimeoutError:
         raise RequestTimeout(
             f"Request body did not arrive within {server.body_timeout:g} seconds"
@@ -46,7 +50,9 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+        raise BadRequest(
+            f"Request body is not valid JSON: {exc.msg}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")
     return raw, body

@@ -164,7 +164,9 @@ async def test_stop_ends_the_upstream_generation(
     await send(chromium, page)
 
     async def stop_once_text_shows() -> None:
-        await page.wait_for_function("() => document.getElementById('output').textContent.length > 20")
+        await page.wait_for_function(
+            "() => document.getElementById('output').textContent.length > 20"
+        )
         await page.click("#stop")
 
     await chromium.run(stop_once_text_shows())

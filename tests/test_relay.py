@@ -12,7 +12,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, Upstream, chat_body
+from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
 
 
 def sse_data(body: bytes) -> list[str]:

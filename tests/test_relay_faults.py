@@ -33,9 +33,7 @@ def stalling_upstream(
             await asyncio.sleep(after_first)
             for gap in gaps:
                 await asyncio.sleep(gap)
-                await resp.write(
-                    b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
-                )
+                await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
             await resp.write(DONE)
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError):
@@ -129,9 +127,19 @@ async def test_heartbeat_pings_only_while_upstream_is_silent(
         ({"Content-Type": "application/json"}, b"{not json", 400, "invalid_json"),
         ({"Content-Type": "application/json"}, b"[1, 2]", 400, None),
         ({"Content-Type": "text/plain"}, b"{}", 415, "unsupported_media_type"),
-        ({}, json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "missing_model"),
+        (
+            {},
+            json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+            400,
+            "missing_model",
+        ),
         ({}, json.dumps({"model": "m", "messages": []}).encode(), 400, "invalid_messages"),
-        ({}, json.dumps({"model": "m", "messages": [{"role": "robot"}]}).encode(), 400, "invalid_messages"),
+        (
+            {},
+            json.dumps({"model": "m", "messages": [{"role": "robot"}]}).encode(),
+            400,
+            "invalid_messages",
+        ),
         ({}, json.dumps({"model": "m", "messages": ["hi"]}).encode(), 400, "invalid_messages"),
     ],
 )

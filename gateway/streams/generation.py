@@ -84,7 +84,9 @@ async def run(app: web.Application, job: Job) -> None:
             outcome = "error"
             log.exception("stream_failed")
             await events.append(
-                job.stream_id, FAIL, _fail("Internal server error", "server_error", "internal_error")
+                job.stream_id,
+                FAIL,
+                _fail("Internal server error", "server_error", "internal_error"),
             )
     except asyncio.CancelledError:  # the app is stopping
         outcome = "shutdown"
@@ -186,7 +188,9 @@ async def _pump(app: web.Application, resp: aiohttp.ClientResponse, job: Job, pu
         await put(FAIL, _fail(str(exc), "upstream_error", "event_too_large"))
         return "upstream_error"
     except aiohttp.ClientError:
-        await put(FAIL, _fail("upstream connection lost", "upstream_error", "upstream_disconnected"))
+        await put(
+            FAIL, _fail("upstream connection lost", "upstream_error", "upstream_disconnected")
+        )
         return "upstream_error"
     await put(FAIL, _fail("upstream ended the stream early", "upstream_error", "stream_truncated"))
     return "upstream_error"

@@ -77,7 +77,9 @@ async def start_stream(request: web.Request) -> web.Response:
         headers=forward_headers(request.headers),
         slot=slot,
     )
-    request.app[STREAM_TASKS].start(generation.run(request.app, job), name=f"stream:{stream_id[:8]}")
+    request.app[STREAM_TASKS].start(
+        generation.run(request.app, job), name=f"stream:{stream_id[:8]}"
+    )
     url = f"/v1/streams/{stream_id}"
     return web.Response(
         status=201,
@@ -125,7 +127,9 @@ async def follow_stream(request: web.Request) -> web.StreamResponse:
                 while True:
                     if batch.events:
                         await resp.write(
-                            b"".join(encode_event(e.data, event=e.kind, id=e.id) for e in batch.events)
+                            b"".join(
+                                encode_event(e.data, event=e.kind, id=e.id) for e in batch.events
+                            )
                         )
                         if ex.ttfb is None:
                             ex.ttfb = asyncio.get_running_loop().time()
