@@ -14,7 +14,6 @@ from .drain import Drain
 from .health import ReadinessChecks
 from .limits import MemoryLimiter
 from .metrics import Metrics, metrics_handler
-from .middlewares import headers
 from .middlewares.auth import make_auth_middleware
 from .middlewares.cors import make_cors_middleware
 from .middlewares.drain import make_drain_middleware
@@ -116,8 +115,8 @@ def create_app(cfg: Config) -> web.Application:
         app[LIMITER] = MemoryLimiter()
         app[USAGE] = MemoryUsage()
     app.cleanup_ctx.append(_http_session)
+    # X-Request-ID and the middlewares' headers (`headers.add_response_headers`) in one hook.
     app.on_response_prepare.append(on_prepare)
-    app.on_response_prepare.append(headers.on_prepare)
 
     app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
     app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")

@@ -17,7 +17,7 @@ slot forever in a shared store; callers pass a `ttl` longer than any holder can 
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -115,7 +115,7 @@ class MemoryLimiter:
         # every held lease on every acquire made N concurrent streams cost O(N^2).
         if len(held) >= limit and len(self._expire(held, now)) >= limit:
             return None
-        lease = secrets.token_hex(8)
+        lease = os.urandom(8).hex()
         held[lease] = now + ttl
         return lease
 

@@ -25,6 +25,11 @@ def add_response_headers(request: web.Request, headers: Mapping[str, str]) -> No
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    apply_response_headers(request, response)
+
+
+def apply_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """What `on_prepare` does, for a hook that does more (one coroutine per response)."""
     pending = request.get(RESPONSE_HEADERS)
     if not pending:
         return
