@@ -22,6 +22,7 @@ __all__ = [
     "SSEEvent",
     "encode_comment",
     "encode_event",
+    "event_start",
     "iter_events",
     "parse_event",
 ]
@@ -124,6 +125,12 @@ def _last_boundary(s: bytes | bytearray, start: int, *, at_line_start: bool) -> 
         return j + 1
     # A CR at the very end is released at once (see the class docstring).
     return j + 2 if j + 1 < len(s) and s[j + 1] == _LF else j + 1
+
+
+def event_start(block: bytes, pos: int) -> int:
+    """Offset at which the event holding `block[pos]` begins, in a block of whole events
+    (as `EventSplitter.feed` returns): just after the last blank line before `pos`."""
+    return _last_boundary(block[:pos], 0, at_line_start=True)
 
 
 def iter_events(block: bytes) -> list[bytes]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .sse import encode_event, iter_events, parse_event
+from .sse import encode_event, event_start, iter_events, parse_event
 
 __all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested"]
 
@@ -53,8 +53,8 @@ _NULL_FIRST = re.compile(rb'\{[ \t]*"usage"[ \t]*:[ \t]*null(?:[ \t]*,[ \t]*)?')
 # What is worth a parse: a usage key whose value is not null, or a finish reason being set.
 # Possessive `*+` so that the blank before `null` cannot be given back to dodge `(?!null)`.
 _WORTH_PARSING = re.compile(rb'"usage"[ \t]*+:[ \t]*+(?!null)|"finish_reason"[ \t]*+:[ \t]*+"')
-# `data: [DONE]` as a line of its own: a raw line break never occurs inside JSON text.
-_DONE = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\][ \t]*(?:\r\n|\r|\n)")
+# `data: [DONE]` as a line of its own, matched at a line start (see `_has_done`).
+_DONE_LINE = re.compile(rb"data: ?\[DONE\][ \t]*(?:\r\n|\r|\n)")
 
 
 @dataclass(slots=True)
@@ -142,7 +142,7 @@ class UsageTap:
 
         A block with nothing to record or strip is returned as the very same object.
         """
-        if b"[DONE]" in block and _DONE.search(block):
+        if _has_done(block):
             self.done = True
         usages = block.count(b'"usage"')
         finishes = block.count(b'"finish_reason"')
@@ -160,12 +160,17 @@ class UsageTap:
             b'"finish_reason":null'
         ):
             return block
-        if _WORTH_PARSING.search(block) is None:
+        first = _WORTH_PARSING.search(block)
+        if first is None:
             return block
-        return b"".join(
+        # Only the events from the first one worth a parse on are split and looked at (a
+        # whole stream can come in one block; its head passes through as it is).
+        start = event_start(block, first.start())
+        tail = b"".join(
             self._process_event(raw) if _WORTH_PARSING.search(raw) else raw
-            for raw in iter_events(block)
+            for raw in iter_events(block[start:])
         )
+        return block[:start] + tail if start else tail
 
     def _process_event(self, raw: bytes) -> bytes:
         event = parse_event(raw)
@@ -205,6 +210,22 @@ class UsageTap:
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str):
                     self.finish_reason = reason
+
+
+def _has_done(block: bytes) -> bool:
+    """Whether `data: [DONE]` is a line of its own in `block` (a block of whole events).
+
+    Looked for as a literal from the end, where it is, then checked at its line's start: a
+    regex searched from the front would try every byte of a block holding a whole stream. A
+    raw line break never occurs inside JSON text, so a `[DONE]` in content cannot pass.
+    """
+    i = block.rfind(b"[DONE]")
+    while i >= 0:
+        line = max(block.rfind(b"\n", 0, i), block.rfind(b"\r", 0, i)) + 1
+        if _DONE_LINE.match(block, line):
+            return True
+        i = block.rfind(b"[DONE]", 0, line)
+    return False
 
 
 def _only_empty_choices(choices: object) -> bool:

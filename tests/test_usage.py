@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway import usage as usage_module
-from gateway.sse import EventSplitter
+from gateway.sse import EventSplitter, iter_events
 from gateway.usage import Usage, UsageTap, ensure_usage_requested
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -215,6 +215,59 @@ def test_done_is_set_only_by_a_done_line() -> None:
     assert not tap.done
     assert tap.process(DONE) is DONE
     assert tap.done
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        DONE,
+        b"data:[DONE]\n\n",
+        b"data: [DONE]\r\n\r\n",
+        b"data: [DONE]\r\r",
+        b"data: [DONE] \t\n\n",
+        sse(chunk({"content": "a"})) + DONE,
+        b"event: x\r\ndata: 1\r\n\r\n" + b"data: [DONE]\r\n\r\n",
+        # A real [DONE] line, then content quoting it: found from the end all the same.
+        DONE + sse(chunk({"content": "data: [DONE]\n"})),
+        DONE + sse(chunk({"content": "[DONE]"})) + sse(chunk({"content": "x[DONE]"})),
+    ],
+)
+def test_a_done_line_is_found_anywhere_in_a_block(block: bytes) -> None:
+    tap = UsageTap(strip=False)
+    tap.process(block)
+    assert tap.done
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"data: [DONE]x\n\n",
+        b"data: x[DONE]\n\n",
+        b": data: [DONE]\n\n",
+        sse(chunk({"content": "[DONE]"})) + sse(chunk({"content": "data: [DONE]"})),
+    ],
+)
+def test_done_in_other_lines_is_not_the_end(block: bytes) -> None:
+    tap = UsageTap(strip=False)
+    tap.process(block)
+    assert not tap.done
+
+
+@pytest.mark.parametrize("strip", [True, False])
+@pytest.mark.parametrize("name", ["OPENAI", "VLLM", "LAST_CHUNK"])
+def test_a_whole_stream_in_one_block_is_processed_like_event_by_event(
+    name: str, strip: bool
+) -> None:
+    stream = {"OPENAI": OPENAI, "VLLM": VLLM, "LAST_CHUNK": LAST_CHUNK}[name]
+    whole, single = UsageTap(strip=strip), UsageTap(strip=strip)
+    out = whole.process(stream)
+    assert out == b"".join(single.process(raw) for raw in iter_events(stream))
+    assert (whole.usage, whole.finish_reason, whole.done) == (
+        single.usage,
+        single.finish_reason,
+        single.done,
+    )
+    assert whole.usage is not None and whole.done
 
 
 # UsageTap: stripping what the client never asked for
