@@ -151,7 +151,9 @@ class UsageTap:
         if self.strip and usages:
             block = block.replace(b',"usage":null', b"")  # OpenAI's own spelling: fastest
             usages = block.count(b'"usage"')
-            if usages:
+            if usages > block.count(b'"usage":{'):
+                # A null spelled another way (spaces, first key): the regexes, which try
+                # every byte, only then.
                 block = _NULL_FIRST.sub(b"{", _NULL_AFTER_COMMA.sub(b"", block))
                 usages = block.count(b'"usage"')
         # Every key spelled `:null` the compact way (OpenAI's every chunk but the last two):

@@ -188,6 +188,20 @@ def start_gateway(
     return Proxy("gateway", port, proc, [pid])
 
 
+def start_floor(upstream_port: int) -> Proxy:
+    """The bare aiohttp relay (tests/bench/floor.py): what the framework alone costs."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tests.bench.floor", "--port", str(port)]
+    cmd += ["--upstream", f"http://127.0.0.1:{upstream_port}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return Proxy("aiohttp", port, proc, [proc.pid])
+
+
 _NGINX_MAIN = """\
 daemon off;
 master_process on;

@@ -2,7 +2,8 @@
 
 One bench upstream (tests/bench/upstream.py), then for each scenario the gateway (real
 configuration: auth, limits, JSON access log, metrics), nginx (one worker, the shipped site
-config) and the upstream directly, on 127.0.0.1. The machine's cores are shared by load
+config), a bare aiohttp relay (tests/bench/floor.py: what the framework alone costs, for S5,
+S1, S4 and S2) and the upstream directly, on 127.0.0.1. The machine's cores are shared by load
 generator, upstream and proxy, so the headline is the proxy's own CPU seconds (user+sys from
 /proc/PID/stat) per 1000 streams, as a ratio to nginx's in the same run.
 
@@ -106,6 +107,8 @@ class Bench:
         if name == "nginx":
             proxy, self.nginx_source = procs.start_nginx(self.tmp, self.upstream_port)
             return proxy
+        if name == "aiohttp":
+            return procs.start_floor(self.upstream_port)
         return Proxy("direct", self.upstream_port)
 
     def record(self, scenario: str, target: str, **values: Any) -> None:
@@ -182,7 +185,9 @@ class Bench:
     # -------------------------------------------------------------- scenarios
 
     def run(self) -> None:
-        targets = ("gateway", "nginx", "direct")
+        # "aiohttp" is the bare aiohttp relay (tests/bench/floor.py): the framework's own
+        # cost, so the table shows how much of the gateway's figure is aiohttp's.
+        targets = ("gateway", "nginx", "aiohttp", "direct")
         for name in targets:
             proxy = self.fresh(name)
             try:
@@ -346,6 +351,7 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ("S6", "streams", "streams completed", "info", 0),
     ("S6", "errors", "errors", "zero", 0),
 ]
+TARGET_NAMES = ("gateway", "nginx", "aiohttp", "direct")
 INFO: list[tuple[str, str, str]] = [
     ("S1", "rps", "streams/s (shared cores)"),
     ("S4", "rps", "requests/s (shared cores)"),
@@ -359,16 +365,22 @@ INFO: list[tuple[str, str, str]] = [
 ]
 
 
+def _ratio(a: Any, b: Any) -> float | None:
+    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+    return a / b if ok else None
+
+
 def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for scenario, metric, label, kind, bound in TARGETS:
         r = results.get(scenario, {})
-        gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
+        gw, ng, fl, dr = (r.get(t, {}).get(metric) for t in TARGET_NAMES)
         row: dict[str, Any] = {
             "scenario": scenario,
             "metric": label,
             "gateway": gw,
             "nginx": ng,
+            "aiohttp": fl,
             "direct": dr,
         }
         ratio = (
@@ -377,6 +389,7 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             else None
         )
         row["ratio"] = ratio
+        row["floor_ratio"] = _ratio(fl, ng)
         if kind == "ratio":
             row["target"] = f"<= {bound:g}x nginx"
             row["met"] = ratio is not None and ratio <= bound
@@ -384,6 +397,7 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             added = gw - dr if gw is not None and dr is not None else None
             row["added"] = added
             row["nginx_added"] = ng - dr if ng is not None and dr is not None else None
+            row["aiohttp_added"] = fl - dr if fl is not None and dr is not None else None
             row["target"] = f"added <= {bound:g} ms"
             row["met"] = added is not None and added <= bound
         elif kind == "zero":
@@ -399,7 +413,7 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(row)
     for scenario, metric, label in INFO:
         r = results.get(scenario, {})
-        gw, ng, dr = (r.get(t, {}).get(metric) for t in ("gateway", "nginx", "direct"))
+        gw, ng, fl, dr = (r.get(t, {}).get(metric) for t in TARGET_NAMES)
         ratio = (
             gw / ng
             if isinstance(gw, (int, float)) and isinstance(ng, (int, float)) and ng
@@ -411,8 +425,10 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric": label,
                 "gateway": gw,
                 "nginx": ng,
+                "aiohttp": fl,
                 "direct": dr,
                 "ratio": ratio,
+                "floor_ratio": _ratio(fl, ng),
                 "target": "",
                 "met": None,
             }
@@ -428,13 +444,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
-    head = ["", "metric", "gateway", "nginx", "direct", "gw/nginx", "target", "met"]
+    head = ["", "metric", "gateway", "nginx", "aiohttp", "direct", "gw/nginx", "aiohttp/nginx"]
+    head += ["target", "met"]
     body = []
     for r in rows:
-        ratio = r.get("ratio")
+        ratio, floor = r.get("ratio"), r.get("floor_ratio")
         extra = ""
         if "added" in r and r["added"] is not None:
-            extra = f" (+{r['added']:.3f} vs direct; nginx +{r['nginx_added']:.3f})"
+            extra = f" (+{r['added']:.3f} vs direct; nginx +{r['nginx_added']:.3f}"
+            if r.get("aiohttp_added") is not None:
+                extra += f", aiohttp +{r['aiohttp_added']:.3f}"
+            extra += ")"
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
         body.append(
             [
@@ -442,8 +462,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 r["metric"],
                 cell(r["gateway"]),
                 cell(r["nginx"]),
+                cell(r.get("aiohttp")),
                 cell(r["direct"]),
                 (f"{ratio:.2f}x" if ratio is not None else "-"),
+                (f"{floor:.2f}x" if floor is not None else "-"),
                 r["target"] + extra,
                 met,
             ]
@@ -497,7 +519,7 @@ def main() -> int:
         out.write_text(json.dumps(doc, indent=2, default=str))
     print()
     print(
-        f"gateway vs nginx ({bench.nginx_source}) vs direct; "
+        f"gateway vs nginx ({bench.nginx_source}) vs a bare aiohttp relay vs direct; "
         f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}"
     )
     print(table(rows))
