@@ -40,7 +40,8 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-# Gateway vs nginx vs direct on loopback: one table, JSON in build/bench.json. bench-quick < 2 min.
+# Gateway vs nginx vs a bare aiohttp relay (tests/bench/floor.py, the framework's own cost) vs
+# direct, on loopback: one table, JSON in build/bench.json. bench-quick < 2 min.
 # Installs h2load (nghttp2-client) and nginx with apt-get when they are missing.
 # Then the Redis backend's added latency per request (p50, p99) beside the memory backend's
 # (bench-redis alone; needs redis-server).
