@@ -31,7 +31,7 @@ run: install
 	if [ -z "$${OPENAI_API_KEY:-}" ]; then \
 	  echo "OPENAI_API_KEY is not set: streaming from the bundled mock upstream on 127.0.0.1:9090"; \
 	  $(GW) mock-upstream --port 9090 & MOCK=$$!; \
-	  trap 'kill $$MOCK 2>/dev/null; wait $$MOCK 2>/dev/null || true' EXIT; \
+	  trap 'kill $$MOCK 2>/dev/null || true; wait $$MOCK 2>/dev/null || true' EXIT; \
 	  export UPSTREAM_URL=http://127.0.0.1:9090/v1; \
 	fi; \
 	echo "Open http://127.0.0.1:8080/  (Ctrl-C stops)"; \
