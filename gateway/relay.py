@@ -176,7 +176,7 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) 
             ) from None
         if isinstance(obj, dict):
             ex.usage = Usage.from_obj(obj.get("usage"))
-    headers = relay_headers(resp.headers)
+    headers = relay_headers(resp.headers, resp.status)
     return web.Response(
         status=resp.status,
         body=data,

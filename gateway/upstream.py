@@ -389,11 +389,19 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def relay_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
-    """Upstream response headers worth passing to the client."""
+def relay_headers(upstream: CIMultiDictProxy[str], status: int) -> dict[str, str]:
+    """Upstream response headers worth passing to the client.
+
+    A 429 relayed as sent still carries what every 429 of the gateway does: an integer
+    Retry-After of at least 1 (the upstream's, rounded up, when it gave one; an HTTP-date
+    becomes seconds), so a client's backoff never spins on `0` or waits on nothing.
+    """
     out = {}
     for name in ("openai-processing-ms", "openai-version", "openai-model", "retry-after"):
         value = upstream.get(name)
         if value is not None:
             out[name] = value
+    if status == 429:
+        hinted = retry_after_seconds(out.pop("retry-after", None))
+        out["Retry-After"] = str(max(1, math.ceil(hinted or 0)))
     return out

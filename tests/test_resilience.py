@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 import structlog
 
 from .conftest import GatewayFactory, StartUpstream, Upstream, chat_body
@@ -231,10 +232,32 @@ async def test_429_is_retried_but_never_opens_the_breaker(
     for _ in range(2):
         async with http.post(url, json=chat_body(stream=False)) as resp:
             assert resp.status == 429
-            assert resp.headers["Retry-After"] == "0"  # the upstream's answer, as sent
+            # The upstream's answer as sent, but Retry-After an integer >= 1 like every 429.
+            assert resp.headers["Retry-After"] == "1"
     async with http.post(url, json=chat_body(stream=False)) as resp:
         assert resp.status == 200
     assert faulty.requests == 5
+
+
+@pytest.mark.parametrize(
+    ("sent", "relayed"), [(None, "1"), ("0", "1"), ("2", "2"), ("2.5", "3"), ("soon", "1")]
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_429_relayed_has_an_integer_retry_after_of_at_least_one(
+    sent: str | None,
+    relayed: str,
+    stream: bool,
+    start_upstream: StartUpstream,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    faulty = Faulty([Step(429, sent)])
+    up = await start_upstream(faulty.app())
+    gw = await gateway_factory(up.url, retry={"attempts": 1, **FAST})
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(stream=stream)) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == relayed
+        assert (await resp.json())["error"]["code"] == "scripted"  # the body as sent
 
 
 async def test_breaker_skips_an_open_upstream_and_uses_the_next(
