@@ -24,8 +24,9 @@ from gateway.mock_upstream import MOCK_STATE, MockSettings, MockState, create_mo
 from gateway.server import start
 
 # A real redis-server for the Redis backend's tests (fixtures `redis_server`, `redis_url`),
-# and a gateway as a real process to SIGKILL (`serve_process`).
-pytest_plugins = ["tests.redis_server", "tests.killable"]
+# a gateway as a real process to SIGKILL (`serve_process`), and an upstream whose streams
+# the limit tests hold open (`gates`).
+pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates"]
 
 TEST_KEY = "gw-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_KEY_SHA = hashlib.sha256(TEST_KEY.encode()).hexdigest()

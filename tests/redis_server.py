@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,8 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+def redis_limits(url: str, **extra: Any) -> dict[str, Any]:
+    """A `[limits]` section for the Redis backend at `url`, per-IP limit off."""
+    return {"backend": "redis", "redis_url": url, "per_ip_rpm": 0, **extra}

@@ -7,107 +7,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import (
-    TEST_KEY,
-    TEST_KEY_SHA,
     Gateway,
     GatewayFactory,
-    StartUpstream,
     Upstream,
     chat_body,
 )
+from tests.gates import AUTH, Gates, key, open_stream, until
 from tests.killable import ServeProcess, config_text
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_limits
 
 ROOT = Path(__file__).parent.parent
-AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-CHUNK = (
-    b'data: {"id":"c","object":"chat.completion.chunk",'
-    b'"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-)
-END = (
-    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
-    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\ndata: [DONE]\n\n'
-)
-
-
-def key(**limits: Any) -> list[dict[str, Any]]:
-    return [{"client": "tester", "sha256": TEST_KEY_SHA, "rpm": 0, "max_concurrent": 0, **limits}]
-
-
-def redis_limits(url: str, **extra: Any) -> dict[str, Any]:
-    return {"backend": "redis", "redis_url": url, "per_ip_rpm": 0, **extra}
-
-
-async def until(pred: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> float:
-    """Poll `pred` (sync or async) until true; returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        got = pred()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return loop.time() - start
-        assert loop.time() - start < timeout, "condition never held"
-        await asyncio.sleep(every)
-
-
-class Gates:
-    """Upstream streams that send one chunk, then wait for their gate (x-gate header)."""
-
-    def __init__(self) -> None:
-        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
-
-    def app(self) -> web.Application:
-        async def chat(request: web.Request) -> web.StreamResponse:
-            body = await request.json()
-            if not body.get("stream"):
-                return web.json_response(
-                    {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
-                                              "total_tokens": 2}}
-                )
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(CHUNK)
-            await self.gates[request.headers.get("x-gate", "")].wait()
-            await resp.write(END)
-            return resp
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        return app
-
-    def open_all(self) -> None:
-        for gate in self.gates.values():
-            gate.set()
-
-
-@pytest.fixture
-async def gates(start_upstream: StartUpstream) -> AsyncIterator[tuple[Gates, Upstream]]:
-    g = Gates()
-    up = await start_upstream(g.app())
-    yield g, up
-    g.open_all()
-
-
-async def open_stream(http: aiohttp.ClientSession, url: str, gate: str) -> aiohttp.ClientResponse:
-    resp = await http.post(
-        f"{url}/v1/chat/completions", json=chat_body(), headers={**AUTH, "x-gate": gate}
-    )
-    if resp.status == 200:
-        assert (await resp.content.readline()).startswith(b"data: ")  # the stream is live
-    return resp
 
 
 async def status_of(http: aiohttp.ClientSession, url: str) -> int:

@@ -19,7 +19,7 @@ from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
 from gateway.sse import EventSplitter, iter_events, parse_event
 from tests.conftest import Gateway, GatewayFactory, StartUpstream, Upstream, chat_body
 from tests.killable import ServeProcess, config_text
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_limits
 
 PROMPT = "hello there"
 
@@ -71,10 +71,6 @@ async def read_stream(
 
 def text_of(events: list[Event]) -> str:
     return "".join(e.data.get("content", "") for e in events if e.kind == "delta")
-
-
-def redis_limits(url: str, **extra: Any) -> dict[str, Any]:
-    return {"backend": "redis", "redis_url": url, "per_ip_rpm": 0, **extra}
 
 
 @pytest.fixture

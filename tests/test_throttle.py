@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway.limits import MemoryLimiter
 from gateway.state import LIMITER
 from tests.conftest import (
-    TEST_KEY,
-    TEST_KEY_SHA,
     Gateway,
     GatewayFactory,
-    StartUpstream,
     Upstream,
     chat_body,
 )
-
-AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-CHUNK = (
-    b'data: {"id":"c","object":"chat.completion.chunk",'
-    b'"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-)
-END = (
-    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
-    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\ndata: [DONE]\n\n'
-)
-
-
-def key(**limits: Any) -> list[dict[str, Any]]:
-    return [{"client": "tester", "sha256": TEST_KEY_SHA, "rpm": 0, "max_concurrent": 0, **limits}]
-
-
-async def until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for state another task changes with no event to await (a finally block)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
+from tests.gates import AUTH, Gates, key, open_stream, until
 
 
 def held(gw: Gateway) -> int:
@@ -59,52 +31,6 @@ def assert_429(resp: aiohttp.ClientResponse) -> None:
     assert retry.isdigit() and int(retry) >= 1
 
 
-# ---------------------------------------------------------------- an upstream we hold open
-
-
-class Gates:
-    """Upstream streams that send one chunk, then wait for their gate (x-gate header)."""
-
-    def __init__(self) -> None:
-        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
-
-    def app(self) -> web.Application:
-        async def chat(request: web.Request) -> web.StreamResponse:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(CHUNK)
-            await self.gates[request.headers.get("x-gate", "")].wait()
-            await resp.write(END)
-            return resp
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        return app
-
-    def open_all(self) -> None:
-        for gate in self.gates.values():
-            gate.set()
-
-
-@pytest.fixture
-async def gates(start_upstream: StartUpstream) -> AsyncIterator[tuple[Gates, Upstream]]:
-    g = Gates()
-    up = await start_upstream(g.app())
-    yield g, up
-    g.open_all()
-
-
-async def open_stream(
-    http: aiohttp.ClientSession, gw: Gateway, gate: str
-) -> aiohttp.ClientResponse:
-    resp = await http.post(
-        f"{gw.url}/v1/chat/completions", json=chat_body(), headers={**AUTH, "x-gate": gate}
-    )
-    if resp.status == 200:
-        assert (await resp.content.readline()).startswith(b"data: ")  # the stream is live
-    return resp
-
-
 # ---------------------------------------------------------------------------- concurrency
 
 
@@ -113,18 +39,18 @@ async def test_a_third_stream_is_refused_at_max_concurrent_2_and_admitted_once_o
 ) -> None:
     g, up = gates
     gw = await gateway_factory(up.url, auth={"mode": "keys"}, keys=key(max_concurrent=2))
-    a = await open_stream(http, gw, "a")
-    b = await open_stream(http, gw, "b")
+    a = await open_stream(http, gw.url, "a")
+    b = await open_stream(http, gw.url, "b")
     assert (a.status, b.status) == (200, 200)
     with capture_logs() as logs:
-        c = await open_stream(http, gw, "c")
+        c = await open_stream(http, gw.url, "c")
     assert_429(c)
     assert (await c.json())["error"]["type"] == "rate_limit_error"
     assert [e["throttled"] for e in logs if e["event"] == "access"] == ["concurrency"]
     g.gates["a"].set()
     assert (await a.read()).endswith(b"data: [DONE]\n\n")
     await until(lambda: held(gw) == 1)
-    d = await open_stream(http, gw, "d")
+    d = await open_stream(http, gw.url, "d")
     assert d.status == 200
     for r in (a, b, c, d):
         r.close()
@@ -182,11 +108,11 @@ async def test_the_slot_is_released_when_the_client_disconnects_mid_stream(
 ) -> None:
     _, up = gates
     gw = await gateway_factory(up.url, auth={"mode": "keys"}, keys=key(max_concurrent=1))
-    a = await open_stream(http, gw, "never")
+    a = await open_stream(http, gw.url, "never")
     assert held(gw) == 1
     a.close()  # the browser tab goes away; the gate never opens
     await until(lambda: held(gw) == 0)
-    b = await open_stream(http, gw, "b")
+    b = await open_stream(http, gw.url, "b")
     assert b.status == 200
     b.close()
 
