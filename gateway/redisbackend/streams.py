@@ -28,10 +28,10 @@ import asyncio
 import contextlib
 import time
 
-import orjson
 import structlog
 from redis.exceptions import RedisError
 
+from ..errors import error_body
 from ..streams.log import (
     CANCELLED_DATA,
     DONE,
@@ -47,14 +47,8 @@ log = structlog.get_logger("gateway.redis")
 
 PREFIX = "gw:s:"
 CHANNEL = "gw:s:ended"
-OWNER_LOST_DATA = orjson.dumps(
-    {
-        "error": {
-            "message": "The gateway instance running this stream stopped",
-            "type": "server_error",
-            "code": "stream_owner_lost",
-        }
-    }
+OWNER_LOST_DATA = error_body(
+    "The gateway instance running this stream stopped", "server_error", "stream_owner_lost"
 ).decode()
 
 # KEYS m, l, o. The final event: added, the log ended and set to expire, the owner's lease

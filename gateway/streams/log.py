@@ -26,20 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
+from ..errors import error_body
 
 DELTA, USAGE, DONE, FAIL = "delta", "usage", "done", "fail"
 FINAL_KINDS = frozenset({DONE, FAIL})
 
 CANCELLED_DATA = '{"finish_reason":"cancelled"}'
-OVERFLOW_DATA = orjson.dumps(
-    {
-        "error": {
-            "message": "The stream is longer than the gateway keeps for resuming",
-            "type": "server_error",
-            "code": "stream_too_long",
-        }
-    }
+OVERFLOW_DATA = error_body(
+    "The stream is longer than the gateway keeps for resuming", "server_error", "stream_too_long"
 ).decode()
 
 
