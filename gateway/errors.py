@@ -34,6 +34,12 @@ def error_body(message: str, type_: str, code: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
 
 
+def retry_after_value(seconds: float) -> str:
+    """A Retry-After the gateway sends: whole seconds, at least 1 (RFC 9110 10.2.3 allows
+    no fraction; 0 would have a client retry at once)."""
+    return str(max(1, math.ceil(seconds)))
+
+
 class GatewayError(Exception):
     """An error the gateway itself answers; carries status, OpenAI type and code."""
 
@@ -121,8 +127,7 @@ class RateLimited(GatewayError):
     def __init__(
         self, message: str, *, retry_after: float, headers: dict[str, str] | None = None
     ) -> None:
-        # Retry-After is an integer number of seconds, at least 1 (RFC 9110 10.2.3).
-        hdrs = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+        hdrs = {"Retry-After": retry_after_value(retry_after)}
         hdrs.update(headers or {})
         super().__init__(message, headers=hdrs)
         self.retry_after = retry_after

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import math
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -26,7 +25,14 @@ from yarl import URL
 
 from .breaker import Breaker, Transition
 from .config import BreakerConfig, Config, UpstreamConfig
-from .errors import GatewayError, NotFound, Unavailable, UpstreamError, UpstreamTimeout
+from .errors import (
+    GatewayError,
+    NotFound,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    retry_after_value,
+)
 from .exchange import Exchange
 
 if TYPE_CHECKING:
@@ -308,7 +314,7 @@ class UpstreamPool:
         return Unavailable(
             "No upstream is available for this model right now (circuit open)",
             code="upstream_unavailable",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            headers={"Retry-After": retry_after_value(wait)},
         )
 
     async def _sleep_before_retry(
@@ -403,5 +409,5 @@ def relay_headers(upstream: CIMultiDictProxy[str], status: int) -> dict[str, str
             out[name] = value
     if status == 429:
         hinted = retry_after_seconds(out.pop("retry-after", None))
-        out["Retry-After"] = str(max(1, math.ceil(hinted or 0)))
+        out["Retry-After"] = retry_after_value(hinted or 0)
     return out
