@@ -2,8 +2,9 @@
 
 A streaming handler prepares its response before returning to the middlewares, so headers
 they add afterwards would be too late. They put them in `request[RESPONSE_HEADERS]` instead,
-and `on_prepare` (an `app.on_response_prepare` hook) sets them on whatever response goes out:
-a JSON answer, a rendered error or a stream.
+and `apply_response_headers`, called by the app's one `on_response_prepare` hook
+(`tracing.on_prepare`), sets them on whatever response goes out: a JSON answer, a rendered
+error or a stream.
 """
 
 from __future__ import annotations
@@ -24,12 +25,8 @@ def add_response_headers(request: web.Request, headers: Mapping[str, str]) -> No
         pending.update(headers)
 
 
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    apply_response_headers(request, response)
-
-
 def apply_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """What `on_prepare` does, for a hook that does more (one coroutine per response)."""
+    """Set the headers asked for with `add_response_headers` on `response` (a Vary adds)."""
     pending = request.get(RESPONSE_HEADERS)
     if not pending:
         return
