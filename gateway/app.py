@@ -8,12 +8,10 @@ import aiohttp
 from aiohttp import web
 
 from . import demo, health, relay
-from .accounting import Accounting, MemoryUsage, usage_handler
+from .backends import backends
 from .config import Config
-from .drain import Drain
-from .health import ReadinessChecks
-from .limits import MemoryLimiter
-from .metrics import Metrics, metrics_handler
+from .health import READINESS, ReadinessChecks
+from .metrics import METRICS, Metrics, metrics_handler
 from .middlewares.auth import make_auth_middleware
 from .middlewares.cors import make_cors_middleware
 from .middlewares.drain import make_drain_middleware
@@ -21,27 +19,14 @@ from .middlewares.errors import make_errors_middleware
 from .middlewares.ipthrottle import make_ip_throttle_middleware
 from .middlewares.throttle import make_client_throttle_middleware
 from .middlewares.tracing import make_tracing_middleware, on_prepare
-from .policy import PolicyHolder
-from .redisbackend.ctx import redis_backend
-from .reload import Reloaders
-from .state import (
-    CONFIG,
-    DRAIN,
-    FINISHED,
-    HTTP,
-    LIMITER,
-    METRICS,
-    POLICY,
-    PUBLIC,
-    READINESS,
-    RELOADERS,
-    UPSTREAMS,
-    USAGE,
-    Finisher,
-)
+from .policy import POLICY, PolicyHolder
+from .process.drain import DRAIN, Drain
+from .process.reload import RELOADERS, Reloaders
+from .state import CONFIG, FINISHED, HTTP, PUBLIC, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
-from .upstream import UpstreamPool
+from .upstream.pool import UPSTREAMS, UpstreamPool
+from .usage.accounting import Accounting, usage_handler
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -107,13 +92,9 @@ def create_app(cfg: Config) -> web.Application:
     app[READINESS].add("draining", drain.readiness)
     app[RELOADERS] = Reloaders(cfg)
     app[RELOADERS].add("policy", policy.prepare_reload)
-    if cfg.limits.backend == "redis":
-        # Limits, usage and detached streams shared by every instance on that Redis. First,
-        # so it closes last, after everything that uses it.
-        app.cleanup_ctx.append(redis_backend)
-    else:
-        app[LIMITER] = MemoryLimiter()
-        app[USAGE] = MemoryUsage()
+    # Limits, usage totals and detached streams' logs: memory, or one Redis shared by every
+    # instance. First, so it closes last, after everything that uses it.
+    app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(_http_session)
     # X-Request-ID and the middlewares' headers (`headers.add_response_headers`) in one hook.
     app.on_response_prepare.append(on_prepare)

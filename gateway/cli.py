@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
     if cfg is None:
         return 2
-    from .server import serve
+    from .process.server import serve
 
     return serve(cfg, worker=args.worker)
 

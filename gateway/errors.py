@@ -15,7 +15,7 @@
      └── UpstreamTimeout               504    timeout
 
 Foreign errors (aiohttp's client and server exceptions) are mapped onto this tree at one
-boundary each: `gateway.upstream` for the client side, `gateway.middlewares.errors` for the
+boundary each: `gateway.upstream.pool` for the client side, `gateway.middlewares.errors` for the
 server side. Before `prepare()` an error becomes a JSON response; after it, one SSE error
 event (`sse_error_event`) and a clean end of the response.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .usage import Usage
+from .usage.tap import Usage
 
 Outcome = Literal["completed", "client_disconnected", "upstream_error", "timeout", "rejected"]
 

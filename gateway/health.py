@@ -12,8 +12,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from .state import READINESS
-
+READINESS: web.AppKey[ReadinessChecks] = web.AppKey("readiness")
 
 class ReadinessChecks:
     """Named callables returning None when ready, else the reason why not."""

@@ -23,9 +23,11 @@ from prometheus_client.exposition import generate_latest
 from .config import Config
 from .errors import Forbidden
 from .exchange import Exchange
-from .state import IDENTITY, METRICS
+from .state import IDENTITY
 
-__all__ = ["ATTEMPT_OUTCOMES", "Metrics", "metrics_handler"]
+__all__ = ["ATTEMPT_OUTCOMES", "METRICS", "Metrics", "metrics_handler"]
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 ATTEMPT_OUTCOMES = ("ok", "connect_error", "timeout", "throttled", "server_error")
 TOKEN_KINDS = ("prompt", "completion")

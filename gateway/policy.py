@@ -14,11 +14,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from aiohttp import web
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, CORSConfig, JWTConfig, Network
 from .identity import Identity
-from .ratelimit import Rate
+from .limits.gcra import Rate
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID, x-api-key"
@@ -28,6 +29,9 @@ EXPOSE_HEADERS = (
     "x-ratelimit-reset-tokens"
 )
 
+
+# Keys, JWT keys, limits and CORS derived from the config; `.replace(cfg)` on reload.
+POLICY: web.AppKey[PolicyHolder] = web.AppKey("policy")
 
 @dataclass(frozen=True, slots=True)
 class CORSPolicy:

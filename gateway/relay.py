@@ -14,13 +14,14 @@ import orjson
 from aiohttp import web
 
 from . import validation
-from .drain import ShuttingDown
 from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
 from .exchange import Exchange, Outcome
+from .metrics import METRICS
+from .process.drain import DRAIN, ShuttingDown
 from .sse import EventSplitter, SSEError
-from .state import CONFIG, DRAIN, EXCHANGE, IDENTITY, METRICS, UPSTREAMS
-from .upstream import forward_headers, relay_headers
-from .usage import Usage, UsageTap, ensure_usage_requested
+from .state import CONFIG, EXCHANGE, IDENTITY
+from .upstream.pool import UPSTREAMS, forward_headers, relay_headers
+from .usage.tap import Usage, UsageTap, ensure_usage_requested
 from .writeguard import WriteGuard
 
 SSE_HEADERS = {

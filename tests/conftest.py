@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from gateway import config
 from gateway.app import create_app
 from gateway.mock_upstream import MOCK_STATE, MockSettings, MockState, create_mock_app
-from gateway.server import start
+from gateway.process.server import start
 
 # A real redis-server for the Redis backend's tests (fixtures `redis_server`, `redis_url`),
 # a gateway as a real process to SIGKILL (`serve_process`), and an upstream whose streams

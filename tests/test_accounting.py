@@ -9,10 +9,11 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.accounting import Accounting, MemoryUsage
 from gateway.exchange import Exchange
-from gateway.state import USAGE
-from gateway.usage import Usage, UsageTotals
+from gateway.usage import USAGE
+from gateway.usage.accounting import Accounting
+from gateway.usage.memory import MemoryUsage
+from gateway.usage.tap import Usage, UsageTotals
 
 from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body
 from .faulty import USAGE as SCRIPTED_USAGE

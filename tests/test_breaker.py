@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.breaker import Breaker, State
+from gateway.upstream.breaker import Breaker, State
 
 
 def opened(threshold: int = 3, cooldown: float = 10.0, at: float = 100.0) -> Breaker:

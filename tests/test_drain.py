@@ -10,10 +10,9 @@ from collections.abc import Callable
 import aiohttp
 from structlog.testing import capture_logs
 
-from gateway.drain import Drain
 from gateway.mock_upstream import MockSettings, create_mock_app
-from gateway.server import FINISH_TIMEOUT, shutdown
-from gateway.state import DRAIN
+from gateway.process.drain import DRAIN, Drain
+from gateway.process.server import FINISH_TIMEOUT, shutdown
 
 from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
 

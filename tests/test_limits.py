@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.limits import LimiterBackend, MemoryLimiter
-from gateway.ratelimit import Rate, tokens_per_minute
+from gateway.limits import LimiterBackend
+from gateway.limits.gcra import Rate, tokens_per_minute
+from gateway.limits.memory import MemoryLimiter
 
 
 class Clock:

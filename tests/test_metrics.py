@@ -11,8 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.exchange import Exchange
-from gateway.metrics import Metrics
-from gateway.state import METRICS
+from gateway.metrics import METRICS, Metrics
 
 from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body, make_config
 from .faulty import USAGE, Faulty, Step

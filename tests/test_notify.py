@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import notify
+from gateway.process import notify
 
 
 @pytest.fixture

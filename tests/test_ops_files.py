@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from gateway.server import FINISH_TIMEOUT
+from gateway.process.server import FINISH_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gateway.service"

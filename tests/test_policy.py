@@ -11,8 +11,7 @@ import pytest
 
 from gateway.cli import key_block, new_key
 from gateway.config import ConfigError, parse
-from gateway.policy import build_policy
-from gateway.state import POLICY
+from gateway.policy import POLICY, build_policy
 from tests.conftest import TEST_KEY, GatewayFactory, Upstream, chat_body, make_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.ratelimit import Rate, charge, debt, gcra, tokens_per_minute
+from gateway.limits.gcra import Rate, charge, debt, gcra, tokens_per_minute
 
 
 def run(rate: Rate, times: list[float]) -> list[bool]:

@@ -7,8 +7,7 @@ import asyncio
 
 import structlog
 
-from gateway.redisbackend import RedisConnection
-from gateway.redisbackend.connection import redacted
+from gateway.redisconn import RedisConnection, redacted
 
 from .redis_server import RedisServer, _free_port
 

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import structlog
 
-from gateway.limits import MemoryLimiter
-from gateway.ratelimit import Rate, tokens_per_minute
-from gateway.redisbackend import RedisConnection, RedisLimiter, RedisUnavailable
+from gateway.limits.gcra import Rate, tokens_per_minute
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.redis import RedisLimiter
+from gateway.redisconn import RedisConnection, RedisUnavailable
 
 from .redis_server import RedisServer
 

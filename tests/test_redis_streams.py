@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.redisbackend import RedisConnection, RedisEventLog, RedisUnavailable
+from gateway.redisconn import RedisConnection, RedisUnavailable
 from gateway.streams import MemoryEventLog
+from gateway.streams.redis import RedisEventLog
 
 from .redis_server import RedisServer
 

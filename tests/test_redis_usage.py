@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.redisbackend import RedisConnection, RedisUnavailable, RedisUsage
-from gateway.usage import Usage, UsageTotals
+from gateway.redisconn import RedisConnection, RedisUnavailable
+from gateway.usage.redis import RedisUsage
+from gateway.usage.tap import Usage, UsageTotals
 
 from .redis_server import RedisServer
 

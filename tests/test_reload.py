@@ -12,9 +12,8 @@ from structlog.testing import capture_logs
 
 from gateway import config
 from gateway.mock_upstream import MockSettings, create_mock_app
-from gateway.reload import Reloaders, reload_file, restart_needed
-from gateway.state import RELOADERS
-from gateway.upstream import UpstreamPool
+from gateway.process.reload import RELOADERS, Reloaders, reload_file, restart_needed
+from gateway.upstream.pool import UpstreamPool
 
 from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body, config_text
 

@@ -15,11 +15,13 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.identity import Identity
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
-from gateway.server import start
+from gateway.process.server import start
 from gateway.sse import EventSplitter, iter_events, parse_event
-from gateway.state import EVENT_LOG, IDENTITY, SLOT, STREAM_TASKS, USAGE
-from gateway.streams.log import MemoryEventLog
-from gateway.usage import Usage
+from gateway.state import IDENTITY, SLOT
+from gateway.streams.log import EVENT_LOG, MemoryEventLog
+from gateway.streams.registry import STREAM_TASKS
+from gateway.usage import USAGE
+from gateway.usage.tap import Usage
 
 from .conftest import (
     TEST_KEY,
@@ -375,7 +377,12 @@ async def seamed(
     cfg = make_config(slow_upstream.url)
     app = create_app(cfg)
     app.middlewares.append(seams)
-    usage = app[USAGE] = FakeUsage()
+    usage = FakeUsage()
+
+    async def fake_usage(app: web.Application) -> None:
+        app[USAGE] = usage  # after gateway.backends installed the real store
+
+    app.on_startup.append(fake_usage)
     runner, port = await start(app, "127.0.0.1", 0, shutdown_timeout=2)
     yield Gateway(app, runner, port, cfg), slots, usage
     await runner.cleanup()

@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.limits import MemoryLimiter
-from gateway.state import LIMITER
+from gateway.limits import LIMITER
+from gateway.limits.memory import MemoryLimiter
 from tests.conftest import (
     Gateway,
     GatewayFactory,

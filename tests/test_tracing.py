@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from gateway import logs
 from gateway.app import create_app
 from gateway.config import LoggingConfig
-from gateway.server import start
+from gateway.process.server import start
 from tests.conftest import (
     TEST_KEY,
     Gateway,

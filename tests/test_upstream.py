@@ -15,10 +15,10 @@ from aiohttp import web
 from aioresponses import aioresponses
 from multidict import CIMultiDict
 
-from gateway.breaker import State
 from gateway.errors import Unavailable, UpstreamError, UpstreamTimeout
 from gateway.exchange import Exchange
-from gateway.upstream import UpstreamPool, retry_after_seconds
+from gateway.upstream.breaker import State
+from gateway.upstream.pool import UpstreamPool, retry_after_seconds
 
 from .conftest import StartUpstream, make_config
 from .faulty import Faulty, Step

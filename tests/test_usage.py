@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway import usage as usage_module
 from gateway.sse import EventSplitter, iter_events
-from gateway.usage import Usage, UsageTap, ensure_usage_requested
+from gateway.usage import tap as usage_module
+from gateway.usage.tap import Usage, UsageTap, ensure_usage_requested
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 USAGE = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}

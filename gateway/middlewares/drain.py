@@ -11,8 +11,8 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..drain import Drain
 from ..errors import Unavailable
+from ..process.drain import Drain
 from ..state import EXCHANGE, PUBLIC
 
 

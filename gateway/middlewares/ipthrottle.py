@@ -12,8 +12,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..clientip import client_ip
 from ..errors import RateLimited
+from ..limits import LIMITER
 from ..policy import PolicyHolder
-from ..state import CLIENT_IP, EXCHANGE, LIMITER
+from ..state import CLIENT_IP, EXCHANGE
 
 
 def make_ip_throttle_middleware(holder: PolicyHolder) -> Middleware:

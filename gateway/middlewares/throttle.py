@@ -21,10 +21,10 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import RateLimited
 from ..identity import Identity
-from ..limits import LimiterBackend
+from ..limits import LIMITER, LimiterBackend
+from ..limits.gcra import Decision, Rate, tokens_per_minute
 from ..policy import PolicyHolder
-from ..ratelimit import Decision, Rate, tokens_per_minute
-from ..state import EXCHANGE, IDENTITY, LIMITER, SLOT
+from ..state import EXCHANGE, IDENTITY, SLOT
 from .headers import add_response_headers
 
 log = structlog.get_logger("gateway.throttle")

@@ -29,11 +29,14 @@ from multidict import CIMultiDict
 from ..errors import GatewayError, error_body
 from ..exchange import Exchange
 from ..identity import Identity
+from ..limits import LIMITER
 from ..middlewares.throttle import charge_tokens
 from ..sse import EventSplitter, SSEError, iter_events, parse_event
-from ..state import CONFIG, EVENT_LOG, LIMITER, UPSTREAMS, USAGE, Slot
-from ..usage import Usage
-from .log import DELTA, DONE, FAIL, EventLog
+from ..state import CONFIG, Slot
+from ..upstream.pool import UPSTREAMS
+from ..usage import USAGE
+from ..usage.tap import Usage
+from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
 from .log import USAGE as USAGE_EVENT
 
 log = structlog.get_logger("gateway.streams")

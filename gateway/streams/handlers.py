@@ -22,11 +22,13 @@ from .. import validation
 from ..errors import BadRequest, Forbidden, NotFound
 from ..exchange import Exchange
 from ..sse import encode_event
-from ..state import CONFIG, EVENT_LOG, EXCHANGE, IDENTITY, SLOT, STREAM_TASKS, UPSTREAMS
-from ..upstream import forward_headers
-from ..usage import ensure_usage_requested
+from ..state import CONFIG, EXCHANGE, IDENTITY, SLOT
+from ..upstream.pool import UPSTREAMS, forward_headers
+from ..usage.tap import ensure_usage_requested
 from ..writeguard import WriteDeadline
 from . import generation
+from .log import EVENT_LOG
+from .registry import STREAM_TASKS
 
 # What one read may return; a reader far behind catches up in batches of this size.
 _READ_LIMIT = 500

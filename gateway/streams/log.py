@@ -26,9 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from aiohttp import web
+
 from ..errors import error_body
 
 DELTA, USAGE, DONE, FAIL = "delta", "usage", "done", "fail"
+# Detached streams' event logs (memory, or Redis: chosen in `gateway.backends`).
+EVENT_LOG: web.AppKey[EventLog] = web.AppKey("event_log")
+
 FINAL_KINDS = frozenset({DONE, FAIL})
 
 CANCELLED_DATA = '{"finish_reason":"cancelled"}'

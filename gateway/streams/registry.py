@@ -1,10 +1,10 @@
 """The app owns detached generations: a registry of their tasks, and their lifetime.
 
-`streams_ctx` (a cleanup context) installs the event log, unless a shared backend already
-sits at `app[EVENT_LOG]`, and the task registry; at shutdown it gives running generations
+`streams_ctx` (a cleanup context) installs the task registry (the event log is installed by
+`gateway.backends`); at shutdown it gives running generations
 `shutdown_grace` seconds to finish, then cancels the rest (each ends its log with `fail`).
 
-Under SIGTERM (`gateway.drain`) a generation counts as work in flight like a request, so the
+Under SIGTERM (`process.drain`) a generation counts as work in flight like a request, so the
 drain's grace waits for it too, and at the drain's deadline the rest are cancelled: their
 readers get the `fail` event and a clean end; with a shared backend the log stays readable
 (resumable up to that event) from any instance until `resume_ttl`.
@@ -18,10 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..drain import Drain
-from ..state import CONFIG, DRAIN, EVENT_LOG, STREAM_TASKS
-from .log import MemoryEventLog
+from ..process.drain import DRAIN, Drain
+from ..state import CONFIG
 
+STREAM_TASKS: web.AppKey[StreamTasks] = web.AppKey("stream_tasks")
 
 class StreamTasks:
     """The running generations of this process."""
@@ -62,21 +62,9 @@ class StreamTasks:
 
 
 async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[CONFIG].sse
-    memory: MemoryEventLog | None = None
-    if EVENT_LOG not in app:
-        memory = MemoryEventLog(
-            max_events=cfg.max_log_events,
-            max_bytes=cfg.max_log_bytes,
-            ttl=cfg.resume_ttl,
-            max_retained_bytes=cfg.max_retained_bytes,
-        )
-        app[EVENT_LOG] = memory
     drain = app[DRAIN] if DRAIN in app else None
     tasks = app[STREAM_TASKS] = StreamTasks(drain)
     if drain is not None:
         drain.on_deadline("detached streams", tasks.cancel_all)
     yield
     await tasks.stop(app[CONFIG].server.shutdown_grace)
-    if memory is not None:
-        memory.close()

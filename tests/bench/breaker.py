@@ -13,7 +13,7 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
-from gateway.server import start
+from gateway.process.server import start
 from tests.conftest import chat_body, make_config
 from tests.faulty import Faulty, Step
 

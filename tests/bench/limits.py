@@ -9,10 +9,10 @@ import asyncio
 import time
 import tracemalloc
 
-from gateway.limits import MemoryLimiter
+from gateway.limits.gcra import Rate, tokens_per_minute
+from gateway.limits.memory import MemoryLimiter
 from gateway.middlewares.auth import authenticate
 from gateway.policy import build_policy
-from gateway.ratelimit import Rate, tokens_per_minute
 from tests.conftest import TEST_KEY, make_config
 
 N = 100_000

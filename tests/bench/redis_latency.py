@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestServer
 from gateway import config, logs
 from gateway.app import create_app
 from gateway.mock_upstream import MockSettings, create_mock_app
-from gateway.server import start
+from gateway.process.server import start
 from tests.conftest import TEST_KEY, TEST_KEY_SHA, UPSTREAM_KEY, make_config
 from tests.redis_server import RedisServer
 

@@ -3,57 +3,26 @@
 The tracing middleware's finish hook hands the exchange to `Accounting.finished`, which may
 run in a handler being cancelled (the client left mid-stream); so it never awaits there but
 starts a task of its own, tracked until it ends and awaited when the app shuts down. The
-store is whatever `state.USAGE` holds: `MemoryUsage` for one process, or the Redis store.
+store is whatever `usage.USAGE` holds: `MemoryUsage` for one process, or the Redis store.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import orjson
 import structlog
 from aiohttp import web
 
-from .exchange import Exchange
-from .state import EXCHANGE, IDENTITY, USAGE
-from .usage import Usage, UsageTotals
+from ..exchange import Exchange
+from ..state import EXCHANGE, IDENTITY
+from . import USAGE
+from .memory import MemoryUsage
 
 log = structlog.get_logger("gateway.accounting")
 
-__all__ = ["Accounting", "MemoryUsage", "client_of", "usage_handler"]
-
-
-class MemoryUsage:
-    """`state.UsageRecorder` in this process's memory (`[limits] backend = "memory"`)."""
-
-    def __init__(self) -> None:
-        self._totals: dict[str, UsageTotals] = {}
-        self._streamed: dict[str, int] = {}
-
-    def add(self, client: str, usage: Usage | None, *, streamed: bool) -> None:
-        """Record at once (no await, so it is safe anywhere, a cancelled handler included)."""
-        t = self._totals.get(client)
-        if t is None:
-            t = self._totals[client] = UsageTotals()
-        t.requests += 1
-        if streamed:
-            self._streamed[client] = self._streamed.get(client, 0) + 1
-        if usage is not None:
-            t.prompt_tokens += usage.prompt_tokens
-            t.completion_tokens += usage.completion_tokens
-            t.total_tokens += usage.total_tokens
-
-    async def record(self, client: str, usage: Usage | None, *, streamed: bool) -> None:
-        self.add(client, usage, streamed=streamed)
-
-    async def totals(self, client: str) -> UsageTotals:
-        t = self._totals.get(client)
-        return UsageTotals() if t is None else replace(t)
-
-    def streamed_requests(self, client: str) -> int:
-        return self._streamed.get(client, 0)
+__all__ = ["Accounting", "client_of", "usage_handler"]
 
 
 def client_of(request: web.Request, ex: Exchange | None = None) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .sse import encode_event, event_start, iter_events, parse_event
+from ..sse import encode_event, event_start, iter_events, parse_event
 
 __all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested"]
 

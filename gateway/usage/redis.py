@@ -11,8 +11,8 @@ from __future__ import annotations
 import structlog
 from redis.exceptions import RedisError
 
-from ..usage import Usage, UsageTotals
-from .connection import CONNECTION_ERRORS, RedisConnection, RedisDown, RedisUnavailable
+from ..redisconn import CONNECTION_ERRORS, RedisConnection, RedisDown, RedisUnavailable
+from .tap import Usage, UsageTotals
 
 log = structlog.get_logger("gateway.redis")
 
@@ -21,7 +21,7 @@ _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class RedisUsage:
-    """`gateway.state.UsageRecorder` shared through Redis."""
+    """`gateway.usage.UsageRecorder` shared through Redis."""
 
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn

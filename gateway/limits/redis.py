@@ -3,7 +3,7 @@
 Each check is one Lua script call, so it is atomic and costs one round trip. Scripts read
 Redis' own clock (`TIME`), so instances whose clocks disagree still agree on the limit. The
 GCRA scripts return the stored TAT and `now` they used; the `Decision` is then built by the
-same sans-IO functions the memory backend calls (`gateway.ratelimit`), over the same doubles,
+same sans-IO functions the memory backend calls (`gateway.limits.gcra`), over the same doubles,
 so both backends answer a given history identically.
 
 Concurrency slots are leases in a sorted set per key (member: lease id, score: expiry in
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import structlog
 from redis.exceptions import RedisError
 
-from ..ratelimit import Decision, Rate, debt, gcra
-from .connection import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from ..redisconn import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from .gcra import Decision, Rate, debt, gcra
 
 log = structlog.get_logger("gateway.redis")
 

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
-from ..errors import Unavailable
+from .errors import Unavailable
 
 log = structlog.get_logger("gateway.redis")
 

@@ -21,13 +21,17 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import structlog
+from aiohttp import web
 
-from .errors import Unavailable, sse_error_event
+from ..errors import Unavailable, sse_error_event
 
 log = structlog.get_logger("gateway.drain")
 
 DeadlineHook = Callable[[], Awaitable[None]]
 
+
+# Shutdown state: the draining flag, in-flight upstream responses.
+DRAIN: web.AppKey[Drain] = web.AppKey("drain")
 
 class ShuttingDown(Unavailable):
     """The gateway stopped this request because its shutdown grace ran out."""

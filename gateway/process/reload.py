@@ -25,14 +25,16 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from . import config
-from .config import Config
-from .state import RELOADERS
+from .. import config
+from ..config import Config
 
 log = structlog.get_logger("gateway.reload")
 
 Commit = Callable[[], None]
 Prepare = Callable[[Config], Commit]
+
+# The SIGHUP reload hooks.
+RELOADERS: web.AppKey[Reloaders] = web.AppKey("reloaders")
 
 # Read once at start-up: the listener, process layout, logging, routes, stream settings and
 # the limits backend's connection.

@@ -24,8 +24,8 @@ import sys
 
 import structlog
 
+from ..config import Config
 from . import notify
-from .config import Config
 
 log = structlog.get_logger("gateway.supervisor")
 

@@ -2,8 +2,8 @@
 
 Shutdown reads like a script (`shutdown()`): say we are draining, stop accepting, let
 in-flight work finish within the grace period, then end the rest cleanly and exit 0.
-SIGHUP reloads the config file (`gateway.reload`). With `[server].workers > 1` the process
-started by `gateway serve` is a supervisor (`gateway.supervisor`) and this runs in each worker.
+SIGHUP reloads the config file (`process.reload`). With `[server].workers > 1` the process
+started by `gateway serve` is a supervisor (`process.supervisor`) and this runs in each worker.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import socket
 import structlog
 from aiohttp import web
 
-from . import logs, notify
-from .app import create_app
-from .config import Config
+from .. import logs
+from ..app import create_app
+from ..config import Config
+from ..state import CONFIG
+from . import notify
+from .drain import DRAIN
 from .reload import reload_file
-from .state import CONFIG, DRAIN
 
 log = structlog.get_logger("gateway.server")
 

@@ -32,16 +32,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from ..errors import error_body
-from ..streams.log import (
-    CANCELLED_DATA,
-    DONE,
-    FAIL,
-    FINAL_KINDS,
-    OVERFLOW_DATA,
-    Batch,
-    Event,
-)
-from .connection import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from ..redisconn import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from .log import CANCELLED_DATA, DONE, FAIL, FINAL_KINDS, OVERFLOW_DATA, Batch, Event
 
 log = structlog.get_logger("gateway.redis")
 
@@ -349,7 +341,7 @@ class RedisEventLog:
                 self._error(exc, "subscribe")
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(self._conn.interval)
 
     async def _renew_loop(self) -> None:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .breaker import Breaker, Transition
-from .config import BreakerConfig, Config, UpstreamConfig
-from .errors import (
+from ..config import BreakerConfig, Config, UpstreamConfig
+from ..errors import (
     GatewayError,
     NotFound,
     Unavailable,
@@ -33,14 +33,17 @@ from .errors import (
     UpstreamTimeout,
     retry_after_value,
 )
-from .exchange import Exchange
+from ..exchange import Exchange
+from .breaker import Breaker, Transition
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from ..metrics import Metrics
 
 log = structlog.get_logger("gateway.upstream")
 
 # Upstream answers worth another try (elsewhere or later); 429 does not open a breaker.
+UPSTREAMS: web.AppKey[UpstreamPool] = web.AppKey("upstreams")
+
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 # Client headers passed upstream by name; any other `x-*` header passes too, unless it could
