@@ -26,7 +26,8 @@ import aiohttp
 import pytest
 
 import gateway
-from gateway import config, reload
+from gateway import config
+from gateway.process import reload
 from gateway.errors import GatewayError
 
 from .conftest import TEST_KEY, Gateway, chat_body
