@@ -27,8 +27,8 @@ import pytest
 
 import gateway
 from gateway import config
-from gateway.process import reload
 from gateway.errors import GatewayError
+from gateway.process import reload
 
 from .conftest import TEST_KEY, Gateway, chat_body
 from .test_serve import free_port, wait_listening
