@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from . import demo, health, relay
+from .aiohttp_seams import NEEDS_CLEANUP_CLOSED
 from .backends import backends
 from .config import Config
 from .health import READINESS, ReadinessChecks
@@ -36,7 +37,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         limit=sum(u.max_connections for u in cfg.upstreams),
         limit_per_host=max(u.max_connections for u in cfg.upstreams),
         keepalive_timeout=30,
-        enable_cleanup_closed=True,
+        enable_cleanup_closed=NEEDS_CLEANUP_CLOSED,
     )
     session = aiohttp.ClientSession(
         connector=connector,

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from . import validation
+from .aiohttp_seams import hold_headers
 from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
 from .exchange import Exchange, Outcome
 from .metrics import METRICS
@@ -194,7 +195,7 @@ async def _relay_stream(
     # Hold the headers back so they leave with the first event in one write (one syscall
     # less per stream, and the first event sooner); `send_headers()` below when nothing has
     # arrived yet, so a client is never kept waiting for them.
-    out._send_headers_immediately = False
+    hold_headers(out)
     writer = await out.prepare(request)
     held = writer is not None
     ex.status = 200

@@ -20,7 +20,8 @@ import socket
 import struct
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
+
+from .aiohttp_seams import bytes_sent
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -28,10 +29,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class WriteGuard:
     """Decides, when asked, whether the client has taken no byte for `timeout` seconds."""
 
-    __slots__ = ("_flushed", "_progress", "_timeout", "_transport", "_writer")
+    __slots__ = ("_flushed", "_progress", "_request", "_timeout", "_transport")
 
     def __init__(self, request: web.BaseRequest, timeout: float, now: float) -> None:
-        self._writer: AbstractStreamWriter = request.writer
+        self._request = request
         self._transport = request.transport
         self._timeout = timeout
         self._flushed = -1
@@ -46,7 +47,7 @@ class WriteGuard:
     def stalled(self, now: float) -> bool:
         """True when bytes have been pending with no progress for `timeout` seconds."""
         pending = self.pending
-        flushed = self._writer.output_size - pending
+        flushed = bytes_sent(self._request) - pending
         if pending == 0 or flushed != self._flushed:
             self._flushed, self._progress = flushed, now
             return False

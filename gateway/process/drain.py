@@ -23,6 +23,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from ..aiohttp_seams import fail_body
 from ..errors import Unavailable, sse_error_event
 
 log = structlog.get_logger("gateway.drain")
@@ -97,7 +98,7 @@ class Drain:
         for resp in list(self.responses):
             # The relay's pending (or next) read raises `exc`; the relay then writes its
             # error event, ends the response and closes the upstream connection itself.
-            resp.content.set_exception(exc)
+            fail_body(resp, exc)
         for name, hook in self._hooks:
             try:
                 await hook()

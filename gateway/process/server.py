@@ -74,10 +74,7 @@ async def start(
         # the kernel spreads new connections among them.
         site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
     await site.start()
-    bound = port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        bound = server.sockets[0].getsockname()[1]
+    bound: int = runner.addresses[-1][1] if runner.addresses else port
     return runner, bound
 
 

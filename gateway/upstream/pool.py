@@ -24,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ..aiohttp_seams import on_connection_release
 from ..config import BreakerConfig, Config, UpstreamConfig
 from ..errors import (
     GatewayError,
@@ -367,11 +368,8 @@ class UpstreamPool:
             raise UpstreamTimeout(f"upstream {up.name} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
-        conn = resp.connection
-        if conn is None:  # the whole body was read already and the connection went back
-            up.slots.release()
-        else:
-            conn.add_callback(up.slots.release)
+        if not on_connection_release(resp, up.slots.release):
+            up.slots.release()  # the whole body was read already and the connection went back
         return resp
 
 
