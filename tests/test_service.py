@@ -246,3 +246,69 @@ async def test_sighup_reloads_keys_limits_and_cors_without_dropping_a_stream(
     assert body.endswith(b"data: [DONE]\n\n")
     gw.send(signal.SIGTERM)
     assert await gw.wait_exit() == 0
+
+
+async def test_sighup_during_the_drain_is_ignored_and_streams_finish(
+    spawn: Spawn, start_upstream: StartUpstream
+) -> None:
+    """A `systemctl reload` or a log-rotation HUP while draining must not kill the process."""
+    up = await start_upstream(_mock(chunks=30, delay=0.05))
+    gw = await spawn(config_text(up.url, server={"shutdown_grace": 20}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+            await resp.content.readuntil(b"\n\n")
+            gw.send(signal.SIGTERM)
+            await gw.wait_log("draining")
+            gw.send(signal.SIGHUP)
+            ignored = await gw.wait_log("reload_ignored")
+            assert ignored["reason"] == "draining"
+            body = await resp.content.read()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert await gw.wait_exit() == 0
+    assert not gw.events("reloaded")
+
+
+async def test_sighup_during_startup_is_applied_once_listening(
+    spawn: Spawn, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """A HUP that arrives before the gateway listens is not lost (nor fatal): the file as it
+    is then is applied once the gateway serves."""
+    old = await start_upstream(_mock(chunks=2))
+    new = await start_upstream(_mock(chunks=2))
+    gw = await spawn(config_text(old.url), listening=False)
+    await gw.wait_log("nofile_limit")  # logged before the event loop starts
+    (tmp_path / "config.toml").write_text(config_text(new.url))
+    gw.send(signal.SIGHUP)
+    gw.port = (await gw.wait_log("listening"))["port"]
+    await gw.wait_log("reloaded")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert new.state.requests["/v1/chat/completions"] == 1
+    assert old.state.requests["/v1/chat/completions"] == 0
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
+
+
+async def test_sigterm_during_a_workers_restart_backoff_stops_everything_within_the_grace(
+    spawn: Spawn, start_upstream: StartUpstream
+) -> None:
+    up = await start_upstream(_mock(chunks=2))
+    port = free_port()
+    text = config_text(
+        up.url,
+        server={"port": port, "workers": 2, "shutdown_grace": 5},
+        limits={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+    )
+    gw = await spawn(text, listening=False)
+    gw.port = port
+    pids = (await gw.wait_log("workers_ready"))["pids"]
+    os.kill(pids[0], signal.SIGKILL)
+    await gw.wait_log("worker_exited", pid=pids[0])  # now in its restart back-off
+    gw.send(signal.SIGTERM)
+    gw.send(signal.SIGHUP)  # not forwarded once stopping: no worker is killed by it
+    assert await gw.wait_exit(timeout=5 + 5) == 0
+    assert not _alive(pids[1])
+    started = [e["pid"] for e in gw.events("worker_started")]
+    assert all(not _alive(pid) for pid in started)
+    assert not gw.events("reloaded")

@@ -94,19 +94,54 @@ async def shutdown(runner: web.AppRunner, app: web.Application, grace: float) ->
     await runner.cleanup()
 
 
-async def _serve(cfg: Config, *, worker: bool) -> int:
+class EarlyHangup:
+    """SIGHUP before the event loop's handlers exist: remembered, never the default action
+    (which kills the process). Installed first thing by `serve`."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        signal.signal(signal.SIGHUP, self._remember)
+
+    def _remember(self, _signum: int, _frame: object) -> None:
+        self.pending = True
+
+
+async def _serve(cfg: Config, *, worker: bool, early: EarlyHangup) -> int:
+    """What each signal does in each phase:
+
+    | phase    | SIGHUP                            | SIGTERM (SIGINT unless a worker) |
+    |----------|-----------------------------------|----------------------------------|
+    | starting | remembered, applied once serving  | stop once started                |
+    | serving  | reload the config file            | drain, then stop                 |
+    | draining | ignored, with a log line          | end the grace now                |
+    """
     app = create_app(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # Handlers before the port opens: a HUP or TERM right after READY=1 must not find the
-    # default action (which kills the process). A worker hears only its supervisor (TERM):
-    # Ctrl-C in a terminal reaches the whole process group, and the supervisor forwards it.
+    phase = "starting"
+
+    def hangup() -> None:
+        if phase == "starting":
+            early.pending = True
+        elif phase == "serving":
+            reload_file(app, cfg.source)
+        else:
+            log.info("reload_ignored", reason=phase, pid=os.getpid())
+
+    def terminate() -> None:
+        if phase == "draining":
+            app[DRAIN].hurry()  # a second one: do not wait out the grace
+        else:
+            stop.set()
+
+    # A worker hears only its supervisor (TERM): Ctrl-C in a terminal reaches the whole
+    # process group, and the supervisor forwards it.
     stop_signals = (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM)
     if worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_file, app, cfg.source)
+        loop.add_signal_handler(sig, terminate)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     runner, port = await start(
         app,
         cfg.server.host,
@@ -114,13 +149,15 @@ async def _serve(cfg: Config, *, worker: bool) -> int:
         shutdown_timeout=FINISH_TIMEOUT,
         reuse_port=worker,
     )
+    phase = "serving"
     log.info("listening", host=cfg.server.host, port=port, pid=os.getpid())
     notify.ready(f"listening on {cfg.server.host}:{port}")
+    if early.pending:
+        log.info("reload_after_start", pid=os.getpid())
+        reload_file(app, cfg.source)
     await stop.wait()
+    phase = "draining"
     log.info("shutting_down", grace=cfg.server.shutdown_grace)
-    loop.remove_signal_handler(signal.SIGHUP)
-    for sig in stop_signals:  # a second one: do not wait out the grace
-        loop.add_signal_handler(sig, app[DRAIN].hurry)
     await shutdown(runner, app, cfg.server.shutdown_grace)
     log.info("stopped")
     return 0
@@ -131,6 +168,7 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
 
     With `workers > 1` (and not already a worker) this process supervises the workers.
     """
+    early = EarlyHangup()
     logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
@@ -141,7 +179,12 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
 
         return supervise(cfg)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(_serve(cfg, worker=worker))
-    return uvloop.run(_serve(cfg, worker=worker))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+            return asyncio.run(_serve(cfg, worker=worker, early=early))
+        return uvloop.run(_serve(cfg, worker=worker, early=early))
+    finally:
+        # The loop's handlers are gone with it: a HUP now must not kill a process that is
+        # about to exit 0.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -6,8 +6,12 @@ only supervises:
 
 - a worker that dies is started again (with backoff; one that keeps dying before it was
   ever ready makes the supervisor give up, exit 1, and leave the restart to systemd);
-- SIGTERM/SIGINT are forwarded and the supervisor exits 0 once every worker has exited 0;
-  SIGHUP is forwarded (each worker reloads its own config);
+- SIGTERM/SIGINT are forwarded and the supervisor exits 0 once every worker has exited 0
+  (a slot waiting out a restart back-off just ends); a worker started while stopping is
+  stopped at once;
+- SIGHUP is forwarded (each worker reloads its own config); to a worker still starting once
+  it is ready (before that a HUP would find no handler); ignored, with a log line, once
+  stopping;
 - workers report READY=1 to a socket of ours (their $NOTIFY_SOCKET); once all N listen we
   send READY=1 to systemd, since systemd only listens to the main process.
 """
@@ -15,6 +19,7 @@ only supervises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -40,6 +45,7 @@ class Supervisor:
         self.argv = [sys.executable, "-m", "gateway", "serve", "--config", cfg.source, "--worker"]
         self.procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> current process
         self.ready: set[int] = set()  # pids that sent READY=1
+        self.reload_when_ready: set[int] = set()  # pids that missed a HUP while starting
         self.stopping = asyncio.Event()
         self.all_ready = False
         self.failed = False
@@ -63,32 +69,41 @@ class Supervisor:
         if b"READY=1" in data.split(b"\n"):
             self.ready.add(pid)
             log.info("worker_ready", pid=pid)
+            if pid in self.reload_when_ready and not self.stopping.is_set():
+                self.reload_when_ready.discard(pid)
+                self._send(pid, signal.SIGHUP)
             live = {p.pid for p in self.procs.values() if p.returncode is None}
             if not self.all_ready and len(self.procs) == self.n and live <= self.ready:
                 self.all_ready = True
                 log.info("workers_ready", pids=sorted(live))
                 notify.ready(f"{self.n} workers listening")
 
-    def signal_workers(self, sig: signal.Signals, *, ready_only: bool = False) -> None:
+    def _send(self, pid: int, sig: signal.Signals) -> None:
         for proc in self.procs.values():
-            # A worker still starting reads the current file anyway; before its handlers
-            # exist a HUP would kill it.
-            if proc.returncode is None and (proc.pid in self.ready or not ready_only):
-                try:
+            if proc.pid == pid and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
 
     def _reload(self) -> None:
+        if self.stopping.is_set():
+            log.info("reload_ignored", reason="stopping", pid=os.getpid())
+            return
         log.info("reloading_workers")
-        self.signal_workers(signal.SIGHUP, ready_only=True)
+        for proc in self.procs.values():
+            if proc.returncode is not None:
+                continue
+            if proc.pid in self.ready:
+                self._send(proc.pid, signal.SIGHUP)
+            else:
+                self.reload_when_ready.add(proc.pid)
 
     def _stop(self) -> None:
         if not self.stopping.is_set():
             log.info("stopping_workers", workers=len(self.procs))
             notify.stopping()
             self.stopping.set()
-        self.signal_workers(signal.SIGTERM)
+        for proc in self.procs.values():
+            self._send(proc.pid, signal.SIGTERM)
 
     async def run_slot(self, slot: int) -> int:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_name}
@@ -97,6 +112,8 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(*self.argv, env=env)
             self.procs[slot] = proc
             log.info("worker_started", slot=slot, pid=proc.pid)
+            if self.stopping.is_set():  # TERM came while it was being spawned
+                self._send(proc.pid, signal.SIGTERM)
             code = await proc.wait()
             if self.stopping.is_set():
                 return code
@@ -113,7 +130,7 @@ class Supervisor:
             try:
                 async with asyncio.timeout(backoff):
                     await self.stopping.wait()
-                return code
+                return 0  # stopped while waiting: nothing of this slot is running
             except TimeoutError:
                 pass
 
