@@ -120,12 +120,14 @@ USERADD ?= true
 CHGRP ?= true
 CHECK_USER ?=
 endif
-CTL := $(PYTHON) systemd/gatewayctl
+JOURNALCTL ?= journalctl
+CTL = SYSTEMCTL='$(SYSTEMCTL)' JOURNALCTL='$(JOURNALCTL)' $(PYTHON) systemd/gatewayctl
 SGW := $(PREFIX)/venv/bin/gateway
 GW_URL ?= http://127.0.0.1:8080
 D := $(DESTDIR)
 NG := $(D)$(NGINX_DIR)
 SITE_FILES := $(NG)/sites-available/gateway $(NG)/gateway/proxy.conf
+SITE_CHECK := $(foreach f,$(SITE_FILES),--site $(f))
 ROOT_ONLY = @test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "$@: run as root"; exit 1; }
 
 # Install or upgrade. A new release's venv is built beside the running one and checked (config
@@ -197,12 +199,12 @@ install-service:
 # then SIGHUP, then the gateway's own verdict: exit 1 if any process logged reload_failed.
 reload:
 	$(CTL) reload --config $(ETC)/config.toml --env-file $(ETC)/gateway.env \
-	  --gateway $(SGW) --user '$(CHECK_USER)'
+	  --gateway $(SGW) --user '$(CHECK_USER)' $(SITE_CHECK)
 
 # Check first: a config that would not start never takes the running service down.
 restart:
 	$(CTL) restart --config $(ETC)/config.toml --env-file $(ETC)/gateway.env \
-	  --gateway $(SGW) --user '$(CHECK_USER)'
+	  --gateway $(SGW) --user '$(CHECK_USER)' $(SITE_CHECK)
 
 status:
 	-$(SYSTEMCTL) status gateway --no-pager
