@@ -77,8 +77,9 @@ soak: install
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak.driver
 
 lint: install
-	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
+	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests systemd/gatewayctl
 	$(VENV)/bin/mypy gateway
+	$(VENV)/bin/mypy --strict systemd/gatewayctl
 
 check-config: install
 	$(GW) check-config --config $(CONFIG)
