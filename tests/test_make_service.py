@@ -305,3 +305,15 @@ def test_uninstall_of_an_old_style_venv_directory(stage: Stage) -> None:
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
     assert stage.make("uninstall-service").returncode == 0
     assert not stage.path("/opt/gateway").exists()
+
+
+def test_an_old_style_venv_directory_becomes_a_release_on_upgrade(stage: Stage) -> None:
+    venv = stage.path("/opt/gateway/venv")
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    run = stage.make("install-service")
+    assert run.returncode == 0, run.stderr
+    assert venv.is_symlink()
+    legacy = [p for p in stage.path("/opt/gateway/releases").iterdir() if p != _live(stage)]
+    assert [p.name.startswith("legacy-") for p in legacy] == [True]
+    assert (legacy[0] / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
