@@ -137,7 +137,7 @@ ROOT_ONLY = @test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "$@: run as 
 # `venv` symlink switches and the service restarts (the old instance drains first).
 install-service:
 	$(ROOT_ONLY)
-	@set -euo pipefail; \
+	@set -euo pipefail; umask 022; \
 	getent passwd $(SERVICE_USER) >/dev/null || $(USERADD) --system --user-group \
 	  --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(SERVICE_USER); \
 	install -d -m 0755 $(D)$(PREFIX)/releases; \

@@ -7,6 +7,7 @@ config check the install makes is the real `gateway check-config`."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -73,12 +74,8 @@ class Stage:
         )
 
 
-@pytest.fixture
-def stage(tmp_path: Path) -> Stage:
-    dest, tools = tmp_path / "root", tmp_path / "bin"
-    dest.mkdir()
+def _stand_ins(tools: Path, log: Path) -> None:
     tools.mkdir()
-    log = tmp_path / "calls.log"
     for name in ("systemctl", "useradd", "chgrp"):
         _tool(tools / name, f'echo "{name} $*" >> {log}\n')
     _tool(tools / "nginx", f'echo "nginx $*" >> {log}\nexit ${{FAIL_NGINX:-0}}\n')
@@ -94,6 +91,14 @@ def stage(tmp_path: Path) -> Stage:
         'chmod 755 "$NEW/bin/gateway"\n',
     )
     _tool(tools / "failing-pip", f'echo "pip $1" >> {log}\nexit 1\n')
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Stage:
+    dest, tools = tmp_path / "root", tmp_path / "bin"
+    dest.mkdir()
+    log = tmp_path / "calls.log"
+    _stand_ins(tools, log)
     nginx = dest / "etc/nginx"
     (nginx / "sites-available").mkdir(parents=True)
     (nginx / "sites-enabled").mkdir()
@@ -317,3 +322,39 @@ def test_an_old_style_venv_directory_becomes_a_release_on_upgrade(stage: Stage) 
     legacy = [p for p in stage.path("/opt/gateway/releases").iterdir() if p != _live(stage)]
     assert [p.name.startswith("legacy-") for p in legacy] == [True]
     assert (legacy[0] / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
+
+
+@pytest.mark.skipif(
+    not Path("/etc/nginx/nginx.conf").is_file() or shutil.which("nginx") is None,
+    reason="needs Debian's nginx",
+)
+def test_the_installed_site_passes_nginx_t_in_debians_layout(tmp_path: Path) -> None:
+    # Debian's own /etc/nginx, copied and staged; the install done for real into it; then
+    # the real `nginx -t` with every /etc/nginx path pointing into the stage.
+    dest = tmp_path / "root"
+    shutil.copytree("/etc/nginx", dest / "etc/nginx", symlinks=True)
+    stage = Stage(dest, tmp_path / "bin", tmp_path / "calls.log")
+    _stand_ins(stage.bin, stage.log)
+    run = stage.make("install-service")
+    assert run.returncode == 0, run.stderr
+    etc = dest / "etc/nginx"
+    files = {etc / "nginx.conf", *etc.rglob("*.conf"), etc / "sites-available/gateway"}
+    for real in sorted(files):
+        if real.is_file() and not real.is_symlink():
+            text = real.read_text().replace("/etc/nginx/", f"{etc}/")
+            text = re.sub(r"(?m)^pid .*;$", f"pid {tmp_path}/nginx.pid;", text)
+            real.write_text(text)
+    for link in (etc / "sites-enabled").iterdir():
+        target = os.readlink(link)
+        if target.startswith("/etc/nginx/"):
+            link.unlink()
+            link.symlink_to(target.replace("/etc/nginx/", f"{etc}/"))
+    conf = (etc / "nginx.conf").read_text()
+    assert re.search(r"(?m)^\s*worker_connections 8192; # gateway: was 768$", conf)
+    check = subprocess.run(
+        [shutil.which("nginx") or "nginx", "-t", "-c", str(etc / "nginx.conf"),
+         "-e", str(tmp_path / "error.log")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "worker_rlimit_nofile" in (etc / "modules-enabled/90-gateway-limits.conf").read_text()
