@@ -33,7 +33,7 @@ run: install
 	@set -euo pipefail; \
 	ports=$(RUN_PORT); if [ -z "$${OPENAI_API_KEY:-}" ]; then ports="$$ports $(MOCK_PORT)"; fi; \
 	for port in $$ports; do \
-	  if ! $(PY) -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",int(sys.argv[1])))' $$port 2>/dev/null; then \
+	  if ! $(PY) -c 'import socket as S,sys; s=S.socket(); s.setsockopt(S.SOL_SOCKET,S.SO_REUSEADDR,1); s.bind(("127.0.0.1",int(sys.argv[1])))' $$port 2>/dev/null; then \
 	    echo "make run: 127.0.0.1:$$port is in use, by:" >&2; \
 	    (ss -Hltnp "sport = :$$port" 2>/dev/null || true) >&2; \
 	    echo "make run: stop it, or pass RUN_PORT=/MOCK_PORT= (and a CONFIG with that port)" >&2; \
