@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload status logs uninstall-service bench bench-quick bench-redis soak
+	install-service reload restart status logs uninstall-service bench bench-quick bench-redis soak
 
 install: $(VENV)/.installed
 
@@ -21,21 +21,34 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # Serve config.toml on 127.0.0.1:8080. With no OPENAI_API_KEY, stream from the bundled mock
 # upstream so the demo page works at once. Auth stays on: a local demo key is made on first
-# start (local/demo.key, never committed) and printed.
+# start (local/demo.key, never committed) and printed. Both ports are checked first (and
+# whatever holds one is named); the gateway is exec'd, so a signal to `make run`'s process
+# reaches it, and the mock dies with it.
+RUN_PORT ?= 8080
+MOCK_PORT ?= 9090
+DEMO_KEY ?= local/demo.key
 run: install
-	@mkdir -p local && chmod 700 local
-	@test -s local/demo.key || (umask 077; $(PY) -c 'from gateway.cli import new_key; print(new_key())' > local/demo.key)
-	@set -e; KEY=$$(cat local/demo.key); \
-	export GATEWAY_DEMO_KEY_SHA256=$$(printf %s "$$KEY" | sha256sum | cut -d' ' -f1); \
-	echo "Demo key (in local/demo.key, not in git): $$KEY"; \
+	@mkdir -p $(dir $(DEMO_KEY)) && chmod 700 $(dir $(DEMO_KEY))
+	@test -s $(DEMO_KEY) || (umask 077; $(PY) -c 'from gateway.cli import new_key; print(new_key())' > $(DEMO_KEY))
+	@set -euo pipefail; \
+	ports=$(RUN_PORT); if [ -z "$${OPENAI_API_KEY:-}" ]; then ports="$$ports $(MOCK_PORT)"; fi; \
+	for port in $$ports; do \
+	  if ! $(PY) -c 'import socket as S,sys; s=S.socket(); s.setsockopt(S.SOL_SOCKET,S.SO_REUSEADDR,1); s.bind(("127.0.0.1",int(sys.argv[1])))' $$port 2>/dev/null; then \
+	    echo "make run: 127.0.0.1:$$port is in use, by:" >&2; \
+	    (ss -Hltnp "sport = :$$port" 2>/dev/null || true) >&2; \
+	    echo "make run: stop it, or pass RUN_PORT=/MOCK_PORT= (and a CONFIG with that port)" >&2; \
+	    exit 1; fi; done; \
+	HASH=$$($(PY) -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read().strip()).hexdigest())' $(DEMO_KEY)) || true; \
+	[[ "$$HASH" =~ ^[0-9a-f]{64}$$ ]] || { echo "make run: could not hash $(DEMO_KEY)" >&2; exit 1; }; \
+	export GATEWAY_DEMO_KEY_SHA256=$$HASH; \
+	echo "Demo key (in $(DEMO_KEY), not in git): $$(cat $(DEMO_KEY))"; \
 	if [ -z "$${OPENAI_API_KEY:-}" ]; then \
-	  echo "OPENAI_API_KEY is not set: streaming from the bundled mock upstream on 127.0.0.1:9090"; \
-	  $(GW) mock-upstream --port 9090 & MOCK=$$!; \
-	  trap 'kill $$MOCK 2>/dev/null || true; wait $$MOCK 2>/dev/null || true' EXIT; \
-	  export UPSTREAM_URL=http://127.0.0.1:9090/v1; \
+	  echo "OPENAI_API_KEY is not set: streaming from the bundled mock upstream on 127.0.0.1:$(MOCK_PORT)"; \
+	  setpriv --pdeathsig TERM -- $(GW) mock-upstream --port $(MOCK_PORT) & \
+	  export UPSTREAM_URL=http://127.0.0.1:$(MOCK_PORT)/v1; \
 	fi; \
-	echo "Open http://127.0.0.1:8080/  (Ctrl-C stops)"; \
-	$(GW) serve --config $(CONFIG)
+	echo "Open http://127.0.0.1:$(RUN_PORT)/  (Ctrl-C stops)"; \
+	exec $(GW) serve --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest -q
@@ -64,8 +77,9 @@ soak: install
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.soak.driver
 
 lint: install
-	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests
+	$(VENV)/bin/ruff check $(RUFF_FLAGS) gateway tests systemd/gatewayctl
 	$(VENV)/bin/mypy gateway
+	$(VENV)/bin/mypy --strict systemd/gatewayctl
 
 check-config: install
 	$(GW) check-config --config $(CONFIG)
@@ -77,47 +91,121 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # ---------------------------------------------------------------------------- ops
-# The service under systemd behind nginx, on Debian, as root (README: "Running as a service").
-# DESTDIR stages the files elsewhere without touching systemd or nginx (the tests use it).
+# The service under systemd behind nginx, on Debian, as root (README: "Running as a service";
+# docs/operations.md). DESTDIR stages the files elsewhere; then nothing on this machine
+# changes unless stand-ins are passed for SYSTEMCTL, NGINX, USERADD and CHGRP (the tests do).
 PREFIX ?= /opt/gateway
 ETC ?= /etc/gateway
 UNIT_DIR ?= /etc/systemd/system
 NGINX_DIR ?= /etc/nginx
+SERVICE_USER ?= gateway
 SERVICE_PYTHON ?= python3
 SERVICE_VENV ?= $(SERVICE_PYTHON) -m venv
-# How the package goes into the service's venv (the tests stage files without building it).
-SERVICE_PIP ?= $(DESTDIR)$(PREFIX)/venv/bin/pip install -q .
+# How the package goes into a new release's venv: run with $NEW (the venv) in the
+# environment and a copy of the sources (outside the checkout) as its last argument.
+SERVICE_PIP ?= "$$NEW/bin/pip" install -q
+# yes: disable Debian's `default` site (uninstall-service re-enables it).
+DISABLE_DEFAULT_SITE ?= no
+# What `events` gets instead of Debian's worker_connections 768 (two connections a stream).
+NGINX_WORKER_CONNECTIONS ?= 8192
+ifeq ($(DESTDIR),)
 SYSTEMCTL ?= systemctl
+NGINX ?= nginx
+USERADD ?= useradd
+CHGRP ?= chgrp
+CHECK_USER ?= $(SERVICE_USER)
+else
+SYSTEMCTL ?= true
+NGINX ?= true
+USERADD ?= true
+CHGRP ?= true
+CHECK_USER ?=
+endif
+JOURNALCTL ?= journalctl
+CTL = SYSTEMCTL='$(SYSTEMCTL)' JOURNALCTL='$(JOURNALCTL)' $(PYTHON) systemd/gatewayctl
 SGW := $(PREFIX)/venv/bin/gateway
 GW_URL ?= http://127.0.0.1:8080
+D := $(DESTDIR)
+NG := $(D)$(NGINX_DIR)
+SITE_FILES := $(NG)/sites-available/gateway $(NG)/gateway/proxy.conf
+SITE_CHECK := $(foreach f,$(SITE_FILES),--site $(f))
+ROOT_ONLY = @test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "$@: run as root"; exit 1; }
 
+# Install or upgrade. A new release's venv is built beside the running one and checked (config
+# as the service's user with its env file, `nginx -t` with the new site) before anything the
+# service uses changes; any failure leaves the old release, site and unit in place. Then the
+# `venv` symlink switches and the service restarts (the old instance drains first).
 install-service:
-	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "install-service: run as root"; exit 1; }
-	$(SERVICE_VENV) $(DESTDIR)$(PREFIX)/venv
-	$(SERVICE_PIP)
-	install -d -m 0755 $(DESTDIR)$(ETC)
-	@# Never overwrite the operator's config or secrets.
-	test -e $(DESTDIR)$(ETC)/config.toml || install -m 0644 config.toml $(DESTDIR)$(ETC)/config.toml
-	test -e $(DESTDIR)$(ETC)/gateway.env || install -m 0600 systemd/gateway.env $(DESTDIR)$(ETC)/gateway.env
-	install -D -m 0644 systemd/gateway.service $(DESTDIR)$(UNIT_DIR)/gateway.service
-	install -D -m 0644 systemd/nginx-gateway.conf $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
-	install -d -m 0755 $(DESTDIR)$(NGINX_DIR)/sites-enabled
-	ln -sfn ../sites-available/gateway $(DESTDIR)$(NGINX_DIR)/sites-enabled/gateway
-	@# Debian's welcome site is the default server on port 80: it would answer instead of us.
-	rm -f $(DESTDIR)$(NGINX_DIR)/sites-enabled/default
-	@if [ -z "$(DESTDIR)" ]; then set -ex; \
-	  $(SGW) check-config --config $(ETC)/config.toml; \
-	  nginx -t; \
-	  $(SYSTEMCTL) daemon-reload; \
-	  $(SYSTEMCTL) enable --now gateway; \
-	  $(SYSTEMCTL) reload-or-restart nginx; \
-	fi
+	$(ROOT_ONLY)
+	@set -euo pipefail; umask 022; \
+	getent passwd $(SERVICE_USER) >/dev/null || $(USERADD) --system --user-group \
+	  --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(SERVICE_USER); \
+	install -d -m 0755 $(D)$(PREFIX)/releases; \
+	export NEW=$(D)$(PREFIX)/releases/$$(date +%Y%m%dT%H%M%S)-$$$$; \
+	SRC=$$(mktemp -d); \
+	fail() { echo "install-service: $$1; the installed service is unchanged" >&2; \
+	  rm -rf "$$NEW" "$$SRC"; restore_site; exit 1; }; \
+	restore_site() { for f in $(SITE_FILES); do \
+	  if [ -e "$$f.gateway-old" ]; then mv -f "$$f.gateway-old" "$$f"; fi; done; }; \
+	echo "install-service: building $$NEW"; \
+	cp -r gateway setup.cfg pyproject.toml README.md "$$SRC"/; \
+	$(SERVICE_VENV) "$$NEW" || fail "venv failed"; \
+	$(SERVICE_PIP) "$$SRC" || fail "pip failed"; \
+	rm -rf "$$SRC"; \
+	: "Config and secrets: installed once, never overwritten, never loosened."; \
+	if [ ! -d $(D)$(ETC) ]; then install -d -m 0750 $(D)$(ETC); $(CHGRP) $(SERVICE_USER) $(D)$(ETC); fi; \
+	if [ ! -e $(D)$(ETC)/config.toml ]; then \
+	  install -m 0640 config.toml $(D)$(ETC)/config.toml; $(CHGRP) $(SERVICE_USER) $(D)$(ETC)/config.toml; \
+	else chmod o-rwx $(D)$(ETC)/config.toml; \
+	  if [ "$$(stat -c %g $(D)$(ETC)/config.toml)" = 0 ]; then $(CHGRP) $(SERVICE_USER) $(D)$(ETC)/config.toml; fi; \
+	  if [ "$$(stat -c %g $(D)$(ETC))" = 0 ]; then $(CHGRP) $(SERVICE_USER) $(D)$(ETC); fi; \
+	  chmod o-rwx $(D)$(ETC); fi; \
+	test -e $(D)$(ETC)/gateway.env || install -m 0600 systemd/gateway.env $(D)$(ETC)/gateway.env; \
+	chmod o-rwx $(D)$(ETC)/gateway.env; \
+	$(CTL) check --gateway "$$NEW/bin/gateway" --config $(D)$(ETC)/config.toml \
+	  --env-file $(D)$(ETC)/gateway.env --user '$(CHECK_USER)' \
+	  --site systemd/nginx-gateway.conf --site systemd/nginx-proxy.conf || fail "check failed"; \
+	: "nginx: our site and snippet are replaced (kept aside until nginx -t passes); the"; \
+	: "operator's local.conf (TLS, names, public listeners) is installed once."; \
+	install -d -m 0755 $(NG)/gateway $(NG)/sites-available $(NG)/sites-enabled $(NG)/modules-enabled; \
+	for f in $(SITE_FILES); do if [ -e "$$f" ]; then cp -p "$$f" "$$f.gateway-old"; fi; done; \
+	install -m 0644 systemd/nginx-proxy.conf $(NG)/gateway/proxy.conf; \
+	install -m 0644 systemd/nginx-gateway.conf $(NG)/sites-available/gateway; \
+	test -e $(NG)/gateway/local.conf || install -m 0644 systemd/nginx-local.conf $(NG)/gateway/local.conf; \
+	install -m 0644 systemd/nginx-limits.conf $(NG)/modules-enabled/90-gateway-limits.conf; \
+	if [ -f $(NG)/nginx.conf ]; then sed -i -E \
+	  's/^(\s*)worker_connections\s+768;\s*$$/\1worker_connections $(NGINX_WORKER_CONNECTIONS); # gateway: was 768/' \
+	  $(NG)/nginx.conf; fi; \
+	ln -sfn ../sites-available/gateway $(NG)/sites-enabled/gateway; \
+	if [ "$(DISABLE_DEFAULT_SITE)" = yes ] && [ -L $(NG)/sites-enabled/default ]; then \
+	  readlink $(NG)/sites-enabled/default > $(NG)/gateway/default-site-was-enabled; \
+	  rm $(NG)/sites-enabled/default; fi; \
+	$(NGINX) -t || fail "nginx -t failed with the new site"; \
+	for f in $(SITE_FILES); do rm -f "$$f.gateway-old"; done; \
+	: "Switch: the venv symlink (an old-style venv directory becomes a release)."; \
+	if [ -d $(D)$(PREFIX)/venv ] && [ ! -L $(D)$(PREFIX)/venv ]; then \
+	  mv $(D)$(PREFIX)/venv $(D)$(PREFIX)/releases/legacy-$$$$; fi; \
+	ln -sfn "releases/$${NEW##*/}" $(D)$(PREFIX)/venv.new; \
+	mv -T $(D)$(PREFIX)/venv.new $(D)$(PREFIX)/venv; \
+	install -D -m 0644 systemd/gateway.service $(D)$(UNIT_DIR)/gateway.service; \
+	$(SYSTEMCTL) daemon-reload; \
+	$(SYSTEMCTL) enable gateway; \
+	$(SYSTEMCTL) restart gateway; \
+	$(SYSTEMCTL) reload-or-restart nginx; \
+	: "Keep the new release and the one before it (to go back by hand)."; \
+	ls -1dt $(D)$(PREFIX)/releases/*/ | tail -n +3 | xargs -r rm -rf; \
+	echo "install-service: $$NEW is live"
 
-# Validate the installed config with the service's environment, then SIGHUP: keys, limits,
-# CORS and upstreams change without dropping a stream; a bad file is refused and logged.
+# The env file parsed as systemd does (no shell), the config checked as the service's user,
+# then SIGHUP, then the gateway's own verdict: exit 1 if any process logged reload_failed.
 reload:
-	set -a; . $(ETC)/gateway.env; set +a; $(SGW) check-config --config $(ETC)/config.toml
-	$(SYSTEMCTL) reload gateway
+	$(CTL) reload --config $(ETC)/config.toml --env-file $(ETC)/gateway.env \
+	  --gateway $(SGW) --user '$(CHECK_USER)' $(SITE_CHECK)
+
+# Check first: a config that would not start never takes the running service down.
+restart:
+	$(CTL) restart --config $(ETC)/config.toml --env-file $(ETC)/gateway.env \
+	  --gateway $(SGW) --user '$(CHECK_USER)' $(SITE_CHECK)
 
 status:
 	-$(SYSTEMCTL) status gateway --no-pager
@@ -126,11 +214,29 @@ status:
 logs:
 	journalctl -u gateway -f -o cat
 
+# Removes exactly what install-service made; keeps $(ETC) and the operator's nginx local.conf.
 uninstall-service:
-	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "uninstall-service: run as root"; exit 1; }
-	@if [ -z "$(DESTDIR)" ]; then $(SYSTEMCTL) disable --now gateway || true; fi
-	rm -f $(DESTDIR)$(UNIT_DIR)/gateway.service
-	rm -f $(DESTDIR)$(NGINX_DIR)/sites-enabled/gateway $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
-	rm -rf $(DESTDIR)$(PREFIX)
-	@if [ -z "$(DESTDIR)" ]; then $(SYSTEMCTL) daemon-reload; $(SYSTEMCTL) reload nginx || true; fi
-	@echo "Kept $(ETC) (your config and secrets); remove it with: rm -r $(ETC)"
+	$(ROOT_ONLY)
+	@set -eu; \
+	$(SYSTEMCTL) disable --now gateway || true; \
+	rm -f $(D)$(UNIT_DIR)/gateway.service; \
+	rm -rf $(D)$(UNIT_DIR)/gateway.service.d; \
+	rm -rf $(D)$(PREFIX)/releases; \
+	if [ -L $(D)$(PREFIX)/venv ]; then rm -f $(D)$(PREFIX)/venv; \
+	elif [ -f $(D)$(PREFIX)/venv/pyvenv.cfg ]; then rm -rf $(D)$(PREFIX)/venv; fi; \
+	rmdir $(D)$(PREFIX) 2>/dev/null || true; \
+	if [ "$$(readlink $(NG)/sites-enabled/gateway 2>/dev/null)" = ../sites-available/gateway ]; then \
+	  rm -f $(NG)/sites-enabled/gateway; fi; \
+	rm -f $(NG)/sites-available/gateway $(NG)/gateway/proxy.conf \
+	  $(NG)/modules-enabled/90-gateway-limits.conf; \
+	if [ -f $(NG)/nginx.conf ]; then sed -i -E \
+	  's/^(\s*)worker_connections\s+[0-9]+; # gateway: was 768$$/\1worker_connections 768;/' \
+	  $(NG)/nginx.conf; fi; \
+	if [ -f $(NG)/gateway/default-site-was-enabled ]; then \
+	  ln -sfn "$$(cat $(NG)/gateway/default-site-was-enabled)" $(NG)/sites-enabled/default; \
+	  rm -f $(NG)/gateway/default-site-was-enabled; fi; \
+	$(SYSTEMCTL) daemon-reload; \
+	$(SYSTEMCTL) reset-failed gateway || true; \
+	$(SYSTEMCTL) reload nginx || true; \
+	echo "Kept $(ETC) (config, secrets) and $(NGINX_DIR)/gateway/local.conf (yours);"; \
+	echo "remove them with: rm -r $(ETC) $(NGINX_DIR)/gateway; userdel $(SERVICE_USER)"

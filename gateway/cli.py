@@ -44,11 +44,27 @@ def new_key() -> str:
     return "gw-" + secrets.token_urlsafe(32)
 
 
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: quotes and backslashes escaped."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def client_name_problem(client: str) -> str | None:
+    """Why `client` cannot be a client name in the printed block (None: it can)."""
+    if not client.strip():
+        return "the client name is empty"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in client):
+        return "the client name has a control character (a newline, a tab, ...)"
+    if "${" in client:
+        return "the client name has '${', which the config would read as a variable"
+    return None
+
+
 def key_block(client: str, key: str) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()
     return (
         "[[auth.keys]]\n"
-        f'client = "{client}"\n'
+        f"client = {toml_string(client)}\n"
         f'sha256 = "{digest}"\n'
         "rpm = 600\n"
         "max_concurrent = 8\n"
@@ -57,6 +73,10 @@ def key_block(client: str, key: str) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    problem = client_name_problem(args.client)
+    if problem is not None:
+        print(f"keygen: {problem}: no key made", file=sys.stderr)
+        return 2
     key = new_key()
     print(key)
     print()

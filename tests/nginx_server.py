@@ -1,7 +1,8 @@
 """A real nginx (Debian's package) in front of the gateway, run by the tests.
 
-It serves the shipped site, `systemd/nginx-gateway.conf`, with only its ports (and, for the
-TLS block, its certificate paths) rewritten, from a temp dir, as a foreground process
+It serves the shipped site, `systemd/nginx-gateway.conf` with the `proxy.conf` and `local.conf`
+it includes, with only their ports and paths rewritten (and, for TLS, the template in
+local.conf filled in as an operator would), from a temp dir, as a foreground process
 (`daemon off`) that the fixture stops.
 """
 
@@ -18,7 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "systemd" / "nginx-gateway.conf"
+PROXY = ROOT / "systemd" / "nginx-proxy.conf"
+LOCAL = ROOT / "systemd" / "nginx-local.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+INSTALLED = "/etc/nginx/gateway/"
 
 
 @dataclass
@@ -26,33 +30,56 @@ class TLS:
     cert: Path
     key: Path
     port: int
+    # The plain-HTTP server of the template (port 80 on every interface, redirecting).
+    redirect_port: int = 0
 
 
-def _sub(pattern: str, repl: str, text: str) -> str:
+def _sub(pattern: str, repl: str, text: str, name: str = SITE.name) -> str:
     out, n = re.subn(pattern, repl, text, flags=re.MULTILINE)
     if not n:  # the shipped file changed shape: say so rather than test something else
-        raise AssertionError(f"{SITE.name}: {pattern!r} not found")
+        raise AssertionError(f"{name}: {pattern!r} not found")
     return out
 
 
-def site_config(gateway_port: int, listen_port: int, tls: TLS | None = None) -> str:
-    """The shipped site with the test's ports (IPv4 loopback only)."""
+def local_config(tls: TLS | None) -> str:
+    """The operator's local.conf: as shipped (all commented out), or with the TLS template
+    filled in as the operator would (listeners on the test's ports, loopback only)."""
+    text = LOCAL.read_text()
+    if tls is None:
+        return text
+    block = re.search(r"^# BEGIN TLS\n(.*?)^# END TLS$", text, re.MULTILINE | re.DOTALL)
+    assert block, "no TLS block to fill in"
+    filled = re.sub(r"^#", "", block.group(1), flags=re.MULTILINE)
+    name = LOCAL.name
+    filled = _sub(r"^    listen 443 ssl http2;$",
+                  f"    listen 127.0.0.1:{tls.port} ssl http2;", filled, name)
+    filled = _sub(r"^    listen \[::\]:443 ssl http2;\n", "", filled, name)
+    filled = _sub(r"^    listen 80;$", f"    listen 127.0.0.1:{tls.redirect_port};", filled, name)
+    filled = _sub(r"^    listen \[::\]:80;\n", "", filled, name)
+    filled = _sub(r"ssl_certificate .*;", f"ssl_certificate {tls.cert};", filled, name)
+    filled = _sub(r"ssl_certificate_key .*;", f"ssl_certificate_key {tls.key};", filled, name)
+    return text[: block.start()] + filled + text[block.end():]
+
+
+def site_config(gateway_port: int, listen_port: int, includes: Path) -> str:
+    """The shipped site with the test's ports (IPv4 loopback only) and its includes in
+    `includes` instead of /etc/nginx/gateway/."""
     text = SITE.read_text()
     text = _sub(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{gateway_port};", text)
-    text = _sub(r"^    listen 80;$", f"    listen 127.0.0.1:{listen_port};", text)
-    text = _sub(r"^    listen \[::\]:80;\n", "", text)
-    if tls is not None:
-        block = re.search(r"^# BEGIN TLS\n(.*?)^# END TLS$", text, re.MULTILINE | re.DOTALL)
-        assert block, "no TLS block to fill in"
-        filled = re.sub(r"^#", "", block.group(1), flags=re.MULTILINE)
-        filled = _sub(
-            r"^    listen 443 ssl http2;$", f"    listen 127.0.0.1:{tls.port} ssl http2;", filled
-        )
-        filled = _sub(r"^    listen \[::\]:443 ssl http2;\n", "", filled)
-        filled = _sub(r"ssl_certificate .*;", f"ssl_certificate {tls.cert};", filled)
-        filled = _sub(r"ssl_certificate_key .*;", f"ssl_certificate_key {tls.key};", filled)
-        text = text[: block.start()] + filled + text[block.end():]
-    return text
+    text = _sub(r"^    listen 127\.0\.0\.1:80;$", f"    listen 127.0.0.1:{listen_port};", text)
+    text = _sub(r"^    listen \[::1\]:80;\n", "", text)
+    return text.replace(INSTALLED, f"{includes}/")
+
+
+def write_site(tmp: Path, gateway_port: int, listen_port: int, tls: TLS | None) -> Path:
+    """The site, proxy.conf and local.conf as installed, under tmp; returns the site."""
+    includes = tmp / "gateway"
+    includes.mkdir()
+    (includes / "proxy.conf").write_text(PROXY.read_text())
+    (includes / "local.conf").write_text(local_config(tls).replace(INSTALLED, f"{includes}/"))
+    site = tmp / "gateway-site.conf"
+    site.write_text(site_config(gateway_port, listen_port, includes))
+    return site
 
 
 def main_config(tmp: Path, site: Path) -> str:
@@ -80,8 +107,7 @@ class Nginx:
         self.tmp = tmp
         self.port = port
         self.tls = tls
-        site = tmp / "gateway-site.conf"
-        site.write_text(site_config(gateway_port, port, tls))
+        site = write_site(tmp, gateway_port, port, tls)
         self.conf = tmp / "nginx.conf"
         self.conf.write_text(main_config(tmp, site))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -67,3 +67,31 @@ def test_help_lists_the_commands() -> None:
     done = run("--help")
     for cmd in ("serve", "check-config", "keygen", "mock-upstream"):
         assert cmd in done.stdout
+
+
+def _pasted(block: str) -> str:
+    """The client name the gateway reads once the block is pasted into the shipped config."""
+    from gateway import config
+
+    shipped = (ROOT / "config.toml").read_text()
+    cfg = config.parse(shipped + "\n" + block, env={})
+    return cfg.auth.keys[-1].client
+
+
+def test_keygen_escapes_quotes_and_backslashes_in_the_client_name() -> None:
+    for name in ('team "a"', "dom\\user", 'a\\"b', "é ü 名前"):
+        done = run("keygen", "--client", name)
+        assert done.returncode == 0, (name, done.stderr)
+        block = done.stdout.split("\n", 1)[1]
+        assert tomllib.loads(block)["auth"]["keys"][0]["client"] == name
+        assert _pasted(block) == name
+
+
+def test_keygen_refuses_a_client_name_the_config_cannot_hold() -> None:
+    # A newline or another control character cannot be in a one-line TOML string as typed;
+    # `${` would be read as an environment variable when the config loads.
+    for name in ("two\nlines", "tab\there", "bell\x07", "${HOME}", "", "  "):
+        done = run("keygen", "--client", name)
+        assert done.returncode == 2, name
+        assert done.stdout == ""  # no key made, nothing to paste
+        assert "client name" in done.stderr

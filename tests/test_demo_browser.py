@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
+from gateway.reload import reload
 
-from .conftest import TEST_KEY, GatewayFactory, StartUpstream
+from .conftest import TEST_KEY, GatewayFactory, StartUpstream, make_config
+from .nginx_server import NGINX, Nginx
+from .test_service import free_port
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -200,4 +203,144 @@ async def test_with_auth_on_the_page_asks_for_the_key_and_sends_it(
     await chromium.run(with_key())
     await wait_status(chromium, page, "done")
     assert sent == [f"Bearer {TEST_KEY}"]
+    await chromium.run(page.close())
+
+
+# ------------------------------------------------------------- errors the page must explain
+
+
+@pytest.fixture
+async def nginx_in_front(tmp_path: Path) -> AsyncIterator[Callable[[int], Awaitable[Nginx]]]:
+    started: list[Nginx] = []
+
+    async def go(gateway_port: int) -> Nginx:
+        if not Path(NGINX).exists():
+            pytest.skip("nginx is not installed")
+        tmp = tmp_path / f"nginx{len(started)}"
+        tmp.mkdir()
+        nginx = Nginx(tmp, gateway_port, free_port())
+        started.append(nginx)
+        await nginx.start()
+        return nginx
+
+    yield go
+    for nginx in started:
+        nginx.stop()
+
+
+async def _output(chromium: Chromium, page: Any) -> str:
+    return str(await chromium.run(page.text_content("#output")))
+
+
+async def test_a_502_page_from_nginx_reads_as_a_message_not_a_syntax_error(
+    chromium: Chromium,
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    nginx_in_front: Callable[[int], Awaitable[Nginx]],
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=5)))
+    gw = await gateway_factory(up.url)
+    nginx = await nginx_in_front(gw.port)
+    page = await open_page(chromium, nginx.url + "/")
+    await gw.runner.cleanup()  # the gateway goes away; nginx answers 502 with its HTML page
+    await send(chromium, page)
+    text = await wait_status(chromium, page, "error")
+    assert text.startswith("HTTP 502"), text
+    assert "SyntaxError" not in text and "JSON" not in text
+    await chromium.run(page.close())
+
+
+async def test_a_413_page_from_nginx_says_the_prompt_is_too_large(
+    chromium: Chromium,
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    nginx_in_front: Callable[[int], Awaitable[Nginx]],
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=5)))
+    gw = await gateway_factory(up.url)
+    nginx = await nginx_in_front(gw.port)
+    page = await open_page(chromium, nginx.url + "/")
+    # Above the site's client_max_body_size (2m): nginx itself answers, in HTML.
+    await chromium.run(page.evaluate(
+        "() => { document.getElementById('prompt').value = 'x'.repeat(3 * 1024 * 1024);"
+        " document.getElementById('send').click(); }"
+    ))
+    text = await wait_status(chromium, page, "error")
+    assert text == "HTTP 413: the prompt is too large", text
+    await chromium.run(page.close())
+
+
+async def test_a_failed_stop_says_so_instead_of_stopping_forever(
+    chromium: Chromium, gateway_factory: GatewayFactory, start_upstream: StartUpstream
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=400, delay=0.05)))
+    gw = await gateway_factory(up.url)
+    page = await open_page(chromium, gw.url + "/")
+
+    async def proxy_fails_deletes() -> None:
+        async def fail(route: Any) -> None:
+            if route.request.method == "DELETE":
+                await route.fulfill(status=502, content_type="text/html",
+                                    body="<html><body>502 Bad Gateway</body></html>")
+            else:
+                await route.continue_()
+
+        await page.route("**/v1/streams/*", fail)
+
+    await chromium.run(proxy_fails_deletes())
+    await send(chromium, page)
+
+    async def stop_once_text_shows() -> None:
+        await page.wait_for_function(
+            "() => document.getElementById('output').textContent.length > 20"
+        )
+        await page.click("#stop")
+
+    await chromium.run(stop_once_text_shows())
+    # The generation runs 20 s more: the page must say the stop failed long before that.
+    status = await chromium.run(page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('stop failed')",
+        timeout=5000,
+    ))
+    assert status
+    shown = str(await chromium.run(page.text_content("#status")))
+    assert shown.startswith("stop failed: HTTP 502"), shown
+    assert await chromium.run(page.is_enabled("#stop"))  # may be tried again
+    await chromium.run(page.close())
+
+
+async def test_a_key_with_non_latin1_characters_gets_a_readable_message(
+    chromium: Chromium, gateway_factory: GatewayFactory, start_upstream: StartUpstream
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=5)))
+    gw = await gateway_factory(up.url, auth={"mode": "keys"})
+    page = await open_page(chromium, gw.url + "/")
+    await chromium.run(page.fill("#key", "gw-ключ-鍵"))
+    await send(chromium, page)
+    text = await wait_status(chromium, page, "error")
+    assert "not an API key" in text, text
+    assert "TypeError" not in text and "fetch" not in text
+    await chromium.run(page.close())
+
+
+async def test_whether_the_page_asks_for_a_key_follows_a_reload_of_auth_mode(
+    chromium: Chromium, gateway_factory: GatewayFactory, start_upstream: StartUpstream
+) -> None:
+    up = await start_upstream(create_mock_app(MockSettings(chunks=5)))
+    gw = await gateway_factory(up.url)  # auth "none": the page hides the key field
+    page = await open_page(chromium, gw.url + "/")
+    assert await chromium.run(page.is_hidden("#key-row"))
+    reload(gw.app, make_config(up.url, auth={"mode": "keys"}))  # SIGHUP's work, in process
+    await send(chromium, page)
+    assert "API key" in await wait_status(chromium, page, "error")
+    assert await chromium.run(page.is_visible("#key"))
+    await chromium.run(page.fill("#key", TEST_KEY))
+    await send(chromium, page)
+    await wait_status(chromium, page, "done")
+    # ... and back: with auth off again, an empty key field is no obstacle.
+    reload(gw.app, make_config(up.url))
+    await chromium.run(page.fill("#key", ""))
+    await send(chromium, page)
+    await wait_status(chromium, page, "done")
+    assert page.errors == [] or all("401" in e for e in page.errors), page.errors
     await chromium.run(page.close())

@@ -42,6 +42,34 @@ async function loadConfig() {
   document.body.dataset.ready = "true";
 }
 
+// A response's error as a sentence: the gateway's JSON error, or (from nginx and other
+// proxies, which answer 502 or 413 with an HTML page) the status and what it means.
+const STATUS_TEXT = {
+  401: "the gateway wants a valid API key",
+  413: "the prompt is too large",
+  502: "the gateway is not answering (is it running?)",
+  503: "the gateway is unavailable or draining",
+  504: "the gateway took too long to answer",
+};
+async function errorText(resp) {
+  let body = null;
+  try { body = JSON.parse(await resp.text()); } catch (e) { /* not JSON: a proxy's page */ }
+  const message = body && body.error && body.error.message;
+  if (typeof message === "string" && message) return message;
+  const meaning = STATUS_TEXT[resp.status];
+  return "HTTP " + resp.status + (meaning ? ": " + meaning : "");
+}
+
+// Only Latin-1 can go in an HTTP header: anything else is not a key we ever issue.
+function badKey(key) { return /[^\x20-\x7e]/.test(key); }
+
+function askForKey(message) {
+  keyRequired = true;
+  ui.keyRow.hidden = false;
+  showError(message);
+  ui.key.focus();
+}
+
 async function start(event) {
   event.preventDefault();
   if (current) return;
@@ -50,15 +78,17 @@ async function start(event) {
   ui.usage.textContent = "";
   ui.reconnects.hidden = true;
   const headers = { "Content-Type": "application/json" };
-  if (keyRequired) {
-    const key = ui.key.value.trim();
-    if (!key) { showError("Enter your API key (make run printed it; it is in local/demo.key)."); return; }
+  // The key is sent whenever one is typed; whether one is needed is the server's answer
+  // (a 401), so a reload that turns auth on or off needs no reload of the page.
+  const key = ui.key.value.trim();
+  if (key) {
+    if (badKey(key)) { askForKey("That is not an API key: keys are plain ASCII (gw-...)."); return; }
     sessionStorage.setItem("gateway-key", key);
     headers["Authorization"] = "Bearer " + key;
   }
   setBusy(true);
   setStatus("starting...");
-  let resp, body;
+  let resp;
   try {
     resp = await fetch("/v1/streams", {
       method: "POST", headers,
@@ -67,13 +97,21 @@ async function start(event) {
         messages: [{ role: "user", content: ui.prompt.value }],
       }),
     });
-    body = await resp.json();
   } catch (e) {
-    showError("Could not reach the gateway: " + e);
+    showError("Could not reach the gateway: " + e.message);
     return;
   }
-  if (resp.status !== 201) {
-    showError((body && body.error && body.error.message) || "HTTP " + resp.status);
+  if (resp.status === 401) {
+    const why = await errorText(resp);
+    askForKey(key ? why : "Enter your API key (make run printed it; it is in local/demo.key).");
+    return;
+  }
+  let body = null;
+  if (resp.status === 201) {
+    try { body = await resp.json(); } catch (e) { body = null; }
+  }
+  if (!body || typeof body.url !== "string") {
+    showError(resp.status === 201 ? "HTTP 201 without a stream URL" : await errorText(resp));
     return;
   }
   follow(body.url);
@@ -120,14 +158,23 @@ function follow(url) {
 
 async function stop() {
   if (!current) return;
+  const mine = current;
   ui.stop.disabled = true;
   setStatus("stopping...");
+  let failure = null;
   try {
-    await fetch(current.url, { method: "DELETE" });
+    const resp = await fetch(mine.url, { method: "DELETE" });
+    // 404: the stream had already ended; its done event finishes the UI.
+    if (!resp.ok && resp.status !== 404) failure = await errorText(resp);
   } catch (e) {
-    finish("stop failed: " + e);
+    failure = "could not reach the gateway: " + e.message;
   }
-  // The stream itself ends with done (cancelled), which finishes the UI.
+  if (failure && current === mine) {
+    // The generation goes on: say so, and let the user try again.
+    setStatus("stop failed: " + failure);
+    ui.stop.disabled = false;
+  }
+  // Otherwise the stream itself ends with done (cancelled), which finishes the UI.
 }
 
 ui.form.addEventListener("submit", start);

@@ -15,6 +15,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE_CONFIG = ROOT / "systemd" / "nginx-gateway.conf"
+PROXY_CONFIG = ROOT / "systemd" / "nginx-proxy.conf"
+
+
+def shipped_site() -> str:
+    """The shipped site with its proxy.conf inlined and the operator's local.conf (TLS,
+    public listeners) left out: what serves on loopback once installed."""
+    text = SITE_CONFIG.read_text()
+    text = text.replace("include /etc/nginx/gateway/proxy.conf;", PROXY_CONFIG.read_text())
+    return text.replace("include /etc/nginx/gateway/local.conf;", "")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCH_KEY = "gw-bench-0123456789abcdefghijklmnopqrstuvwxyzABCD"
 UPSTREAM_KEY = "sk-bench-upstream-0123456789abcdef"
@@ -271,7 +280,7 @@ def start_nginx(tmp: Path, upstream_port: int) -> tuple[Proxy, str]:
     site = _NGINX_SITE.format(upstream=upstream_port, port=port)
     if SITE_CONFIG.exists():
         (ntmp / "site.conf").write_text(
-            adapt_site(SITE_CONFIG.read_text(), ntmp, port, upstream_port)
+            adapt_site(shipped_site(), ntmp, port, upstream_port)
         )
         check = subprocess.run(
             [
