@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
+from gateway.app import create_app
 from gateway.mock_upstream import MockSettings, create_mock_app
+from gateway.process import server
 from gateway.process.drain import DRAIN, Drain
 from gateway.process.server import FINISH_TIMEOUT, shutdown
 
-from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
+from .conftest import (
+    UPSTREAM_KEY,
+    GatewayFactory,
+    StartUpstream,
+    Upstream,
+    chat_body,
+    make_config,
+)
 
 
 async def _slow_upstream(start_upstream: StartUpstream, chunks: int, delay: float) -> str:
@@ -184,3 +195,26 @@ async def test_at_the_deadline_detached_readers_get_fail_and_a_clean_end(
     assert b'"shutdown"' in last
     async with asyncio.timeout(5):  # the upstream request was closed
         await upstream.state.client_disconnected.wait()
+
+
+async def test_a_cleanup_that_hangs_cannot_hold_the_shutdown_past_its_bound(
+    monkeypatch: pytest.MonkeyPatch, upstream: Upstream
+) -> None:
+    """Whatever a resource's cleanup does, shutdown ends within the grace + 2 * FINISH_TIMEOUT
+    (systemd's TimeoutStopSec is set from that bound)."""
+    monkeypatch.setattr(server, "FINISH_TIMEOUT", 0.3)
+    app = create_app(make_config(upstream.url))
+    never = asyncio.Event()
+
+    async def stuck(_app: web.Application) -> AsyncIterator[None]:
+        yield
+        await never.wait()
+
+    app.cleanup_ctx.append(stuck)
+    runner, _port = await server.start(app, "127.0.0.1", 0, shutdown_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with capture_logs() as logs:
+        await asyncio.wait_for(server.shutdown(runner, app, grace=0.2), 10)
+    assert loop.time() - started < 0.2 + 2 * 0.3 + 0.5
+    assert [e for e in logs if e["event"] == "cleanup_timed_out"]

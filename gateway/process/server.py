@@ -28,8 +28,8 @@ from .reload import reload_file
 log = structlog.get_logger("gateway.server")
 
 # After the grace: how long ended streams get to write their error event and close, and then
-# how long aiohttp waits for stragglers before cancelling them. systemd's TimeoutStopSec
-# must exceed shutdown_grace + 2 * FINISH_TIMEOUT.
+# how long aiohttp waits for stragglers before cancelling them. Everything after the grace is
+# bounded by 2 * FINISH_TIMEOUT: systemd's TimeoutStopSec must exceed shutdown_grace + that.
 FINISH_TIMEOUT = 5.0
 
 
@@ -86,12 +86,22 @@ async def shutdown(runner: web.AppRunner, app: web.Application, grace: float) ->
     for site in list(runner.sites):
         await site.stop()  # stop accepting; open connections stay
     log.info("draining", in_flight=drain.inflight, grace=grace)
-    if not await drain.wait_idle(grace):
-        log.warning("grace_expired", in_flight=drain.inflight, ending=len(drain.responses))
-        await drain.end_inflight()
-        await drain.wait_idle(FINISH_TIMEOUT)
-    # Closes idle keep-alive connections, cancels what is left, closes the upstream session.
-    await runner.cleanup()
+    idle = await drain.wait_idle(grace)
+    # After the grace, everything left (ending the streams, closing connections, the
+    # resources' cleanup) has 2 * FINISH_TIMEOUT, so systemd's TimeoutStopSec can be set
+    # with a margin that holds whatever a cleanup step does.
+    deadline = asyncio.get_running_loop().time() + 2 * FINISH_TIMEOUT
+    try:
+        async with asyncio.timeout_at(deadline):
+            if not idle:
+                log.warning("grace_expired", in_flight=drain.inflight, ending=len(drain.responses))
+                await drain.end_inflight()
+                await drain.wait_idle(FINISH_TIMEOUT)
+            # Closes idle keep-alive connections, cancels what is left, closes the upstream
+            # session and the other resources.
+            await runner.cleanup()
+    except TimeoutError:
+        log.error("cleanup_timed_out", after=2 * FINISH_TIMEOUT)
 
 
 class EarlyHangup:
