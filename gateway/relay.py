@@ -168,23 +168,29 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) 
         # Some upstreams quote the credential they were sent in a 401 message: the
         # upstream's key must not reach our client through an error relayed "as sent".
         data = data.replace(api_key.encode(), b"[REDACTED]")
-    if resp.status == 200 and resp.content_type == "application/json":
-        # Parsed anyway for usage; an answer that is not JSON at all is garbage: 502.
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "upstream answered invalid JSON", code="bad_upstream_response"
-            ) from None
-        if isinstance(obj, dict):
-            ex.usage = Usage.from_obj(obj.get("usage"))
+    content_type = resp.content_type or "application/json"
+    if resp.status == 200:
+        # Every /v1 route answers a JSON object on success: parsed anyway for usage, and
+        # whatever else it is (an HTML error page from a proxy in front of the upstream,
+        # whatever its Content-Type says) is garbage to an SDK: 502.
+        ex.usage = _usage_of_json_answer(data)
+        content_type = "application/json"
     headers = relay_headers(resp.headers, resp.status)
-    return web.Response(
-        status=resp.status,
-        body=data,
-        headers=headers,
-        content_type=resp.content_type or "application/json",
-    )
+    return web.Response(status=resp.status, body=data, headers=headers, content_type=content_type)
+
+
+def _usage_of_json_answer(data: bytes) -> Usage | None:
+    """The usage of a 200 answer to a JSON route; UpstreamError when it is not a JSON object."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise UpstreamError(
+            "upstream answered 200 with a body that is not a JSON object",
+            code="bad_upstream_response",
+        )
+    return Usage.from_obj(obj.get("usage"))
 
 
 class _ClientSink:
