@@ -61,6 +61,8 @@ async def catalogue(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     fault = body["messages"][-1]["content"].removeprefix("fault ")
     kind, _, arg = fault.partition(":")
+    if not body.get("stream"):
+        return web.json_response({"choices": [{"message": {"content": "ok"}}], "usage": USAGE})
     resp = web.StreamResponse(headers=SSE)
     await resp.prepare(request)
     if kind == "reset":
@@ -72,6 +74,9 @@ async def catalogue(request: web.Request) -> web.StreamResponse:
     if kind == "stall":
         await resp.write(EVENTS[0])
         await asyncio.sleep(float(arg))
+    elif kind == "hang":  # three events, then silence until the gateway hangs up
+        await resp.write(b"".join(EVENTS[:3]))
+        await asyncio.Event().wait()
     elif kind == "huge-line":
         block = b"x" * (64 << 10)
         await resp.write(EVENTS[0] + b"data: ")
@@ -168,11 +173,11 @@ async def _line(logs: list[Any], event: str) -> Any:
     return lines[0]
 
 
-def _body(fault: str) -> dict[str, Any]:
+def _body(fault: str, stream: bool = True) -> dict[str, Any]:
     return {
         "model": "mock-gpt",
         "messages": [{"role": "user", "content": f"fault {fault}"}],
-        "stream": True,
+        "stream": stream,
     }
 
 

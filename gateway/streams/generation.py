@@ -120,10 +120,10 @@ async def _finish(app: web.Application, job: Job, outcome: str) -> None:
     if job.slot is not None:
         await job.slot.release()
     usage = job.ex.usage
+    if usage is not None and METRICS in app:
+        app[METRICS].charge(job.client, usage)  # first: it cannot fail, the store can
     if USAGE in app:
         await app[USAGE].record(job.client, usage, streamed=True)
-    if usage is not None and METRICS in app:
-        app[METRICS].charge(job.client, usage)
     if job.identity is not None and usage is not None and LIMITER in app:
         await charge_tokens(app, job.identity, usage.total_tokens)
     log.info(
