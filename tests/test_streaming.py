@@ -20,6 +20,8 @@ import pytest
 import structlog
 from aiohttp import web
 
+from gateway.streaming import data_events
+
 from .conftest import Gateway, GatewayFactory, StartUpstream
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
@@ -264,3 +266,17 @@ async def test_the_fault_catalogue_ends_alike_through_the_relay_and_a_detached_s
     relay = await relayed(http, gw, fault)
     stream = await detached(http, gw, fault)
     assert (relay, stream) == (expected, expected)
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r", b"\r\n"], ids=["LF", "CR", "CRLF"])
+def test_data_events_counts_data_fields_at_line_starts_not_the_bytes_in_content(
+    eol: bytes,
+) -> None:
+    block = (
+        b'data: {"choices":[{"delta":{"content":"data: data:"}}]}' + eol + eol
+        + b": data: a comment" + eol + eol
+        + b"event: x" + eol + b'data:{"c":"\\ndata: y"}' + eol + eol
+        + b"data: [DONE]" + eol + eol
+    )
+    assert data_events(block) == 3
+    assert data_events(b"") == 0
