@@ -19,8 +19,7 @@ from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body
 from .faulty import USAGE as SCRIPTED_USAGE
 from .faulty import Faulty, Step
 from .test_metrics import scrape, value
-from .test_streaming import ENDS, catalogue_app
-from .test_streaming import _body as fault_body
+from .test_streaming import ENDS, catalogue_app, fault_body
 
 
 async def usage_of(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, object]:

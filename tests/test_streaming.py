@@ -175,7 +175,7 @@ async def _line(logs: list[Any], event: str) -> Any:
     return lines[0]
 
 
-def _body(fault: str, stream: bool = True) -> dict[str, Any]:
+def fault_body(fault: str, stream: bool = True) -> dict[str, Any]:
     return {
         "model": "mock-gpt",
         "messages": [{"role": "user", "content": f"fault {fault}"}],
@@ -186,7 +186,7 @@ def _body(fault: str, stream: bool = True) -> dict[str, Any]:
 async def relayed(http: aiohttp.ClientSession, gw: Gateway, fault: str) -> Ending:
     before = await _totals(http, gw)
     with structlog.testing.capture_logs() as logs:
-        async with http.post(f"{gw.url}/v1/chat/completions", json=_body(fault)) as resp:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=fault_body(fault)) as resp:
             assert resp.status == 200
             body = await resp.read()  # a clean end, whatever the fault
         line = await _line(logs, "access")
@@ -205,7 +205,7 @@ async def relayed(http: aiohttp.ClientSession, gw: Gateway, fault: str) -> Endin
 async def detached(http: aiohttp.ClientSession, gw: Gateway, fault: str) -> Ending:
     before = await _totals(http, gw)
     with structlog.testing.capture_logs() as logs:
-        async with http.post(f"{gw.url}/v1/streams", json=_body(fault)) as resp:
+        async with http.post(f"{gw.url}/v1/streams", json=fault_body(fault)) as resp:
             assert resp.status == 201
             url = (await resp.json())["url"]
         async with http.get(gw.url + url) as resp:

@@ -188,7 +188,7 @@ class _LogSink:
 
     async def send(self, block: bytes) -> None:
         if self.ended:
-            return  # after [DONE]: the pump reads on to the close, for nothing
+            return  # nothing goes after the final event
         put = self._put
         for raw in iter_events(block):
             ev = parse_event(raw)
