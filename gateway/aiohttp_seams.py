@@ -3,9 +3,6 @@
 Each seam is one small function; `tests/test_aiohttp_seams.py` checks every one against the
 installed aiohttp, so an upgrade that changes them fails there, loudly, not in production.
 
-- `hold_headers`: a `StreamResponse` whose headers leave with its first body write (one
-  syscall less per stream). aiohttp's own `web.Response` does this; a `StreamResponse` has
-  no public switch for it.
 - `on_connection_release`: a callback when the connection under a client response goes back
   to the pool or is closed, whichever way the response ends (`Connection.add_callback`).
   It holds an upstream's `max_connections` slot for exactly the connection's use.
@@ -30,11 +27,6 @@ NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 7) or (3, 13, 0) <= sys.versio
     13,
     1,
 )
-
-
-def hold_headers(response: web.StreamResponse) -> None:
-    """Send `response`'s headers with its first `write()` instead of at `prepare()`."""
-    response._send_headers_immediately = False
 
 
 def on_connection_release(response: aiohttp.ClientResponse, callback: Callable[[], None]) -> bool:

@@ -24,6 +24,7 @@ from .config import Config
 from .errors import Forbidden
 from .exchange import Exchange
 from .state import IDENTITY
+from .usage.tap import Usage
 
 __all__ = ["ATTEMPT_OUTCOMES", "METRICS", "Metrics", "metrics_handler"]
 
@@ -157,14 +158,17 @@ class Metrics:
             self.client_disconnects.inc()
         if ex.status == 429 and ex.reason:
             self.throttled.labels(ex.reason).inc()
-        usage = ex.usage
-        if usage is not None:
+        if ex.usage is not None:
             identity = request.get(IDENTITY)
-            client = self.client_label(
-                ex.client or (identity.client if identity is not None else "anonymous")
-            )
-            self._tokens[client, "prompt"].inc(usage.prompt_tokens)
-            self._tokens[client, "completion"].inc(usage.completion_tokens)
+            client = ex.client or (identity.client if identity is not None else "anonymous")
+            self.charge(client, ex.usage)
+
+    def charge(self, client: str, usage: Usage) -> None:
+        """Count a request's tokens: a relayed one (from `finished`) or a detached generation's
+        (which ends after its request did), so that `tokens_total` agrees with `/v1/usage`."""
+        label = self.client_label(client)
+        self._tokens[label, "prompt"].inc(usage.prompt_tokens)
+        self._tokens[label, "completion"].inc(usage.completion_tokens)
 
 
 def _peer_allowed(

@@ -1,8 +1,9 @@
 """The relay handlers: /v1/* to an upstream and back, streams event by event.
 
-A stream is a plain loop of awaits: read what the upstream has, cut it at the last complete
-SSE event, pass it through the usage tap (a byte test; JSON only on the usage chunk), write
-it. Nothing per chunk but the bytes themselves and one clock read for the heartbeat.
+A stream is `streaming.Pump` with the client's response as its sink: read what the upstream
+has, cut it at the last complete SSE event, pass it through the usage tap (a byte test; JSON
+only on the usage chunk), write it. Nothing per chunk but the bytes themselves and one clock
+read for the heartbeat.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import orjson
 from aiohttp import web
 
 from . import validation
-from .aiohttp_seams import hold_headers
-from .errors import Forbidden, UpstreamError, UpstreamTimeout, sse_error_event
-from .exchange import Exchange, Outcome
+from .errors import Forbidden, UpstreamError, UpstreamTimeout
+from .exchange import Exchange
 from .metrics import METRICS
-from .process.drain import DRAIN, ShuttingDown
-from .sse import EventSplitter, SSEError
+from .process.drain import DRAIN
 from .state import CONFIG, EXCHANGE, IDENTITY
+from .streaming import Failure, Pump
 from .upstream.pool import UPSTREAMS, forward_headers, relay_headers
-from .usage.tap import Usage, UsageTap, ensure_usage_requested
+from .usage.tap import Usage, ensure_usage_requested
 from .writeguard import WriteGuard
 
 SSE_HEADERS = {
@@ -168,23 +168,50 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) 
         # Some upstreams quote the credential they were sent in a 401 message: the
         # upstream's key must not reach our client through an error relayed "as sent".
         data = data.replace(api_key.encode(), b"[REDACTED]")
-    if resp.status == 200 and resp.content_type == "application/json":
-        # Parsed anyway for usage; an answer that is not JSON at all is garbage: 502.
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "upstream answered invalid JSON", code="bad_upstream_response"
-            ) from None
-        if isinstance(obj, dict):
-            ex.usage = Usage.from_obj(obj.get("usage"))
+    content_type = resp.content_type or "application/json"
+    if resp.status == 200:
+        # Every /v1 route answers a JSON object on success: parsed anyway for usage, and
+        # whatever else it is (an HTML error page from a proxy in front of the upstream,
+        # whatever its Content-Type says) is garbage to an SDK: 502.
+        ex.usage = _usage_of_json_answer(data)
+        content_type = "application/json"
     headers = relay_headers(resp.headers, resp.status)
-    return web.Response(
-        status=resp.status,
-        body=data,
-        headers=headers,
-        content_type=resp.content_type or "application/json",
-    )
+    return web.Response(status=resp.status, body=data, headers=headers, content_type=content_type)
+
+
+def _usage_of_json_answer(data: bytes) -> Usage | None:
+    """The usage of a 200 answer to a JSON route; UpstreamError when it is not a JSON object."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise UpstreamError(
+            "upstream answered 200 with a body that is not a JSON object",
+            code="bad_upstream_response",
+        )
+    return Usage.from_obj(obj.get("usage"))
+
+
+class _ClientSink:
+    """The relay's `streaming.Sink`: the client's response, one write per block."""
+
+    __slots__ = ("_ex", "_heartbeat", "_out", "_time")
+
+    def __init__(self, out: web.StreamResponse, heartbeat: Heartbeat, ex: Exchange) -> None:
+        self._out = out
+        self._heartbeat = heartbeat
+        self._ex = ex
+        self._time = asyncio.get_running_loop().time
+
+    async def send(self, block: bytes) -> None:
+        self._heartbeat.last = self._time()
+        await self._out.write(block)
+        if self._ex.ttfb is None:
+            self._ex.ttfb = self._time()
+
+    async def fail(self, failure: Failure) -> None:
+        await self._out.write(failure.sse_event())
 
 
 async def _relay_stream(
@@ -192,102 +219,33 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     cfg = request.app[CONFIG]
     out = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    # Hold the headers back so they leave with the first event in one write (one syscall
-    # less per stream, and the first event sooner); `send_headers()` below when nothing has
-    # arrived yet, so a client is never kept waiting for them.
-    hold_headers(out)
-    writer = await out.prepare(request)
-    held = writer is not None
+    # The headers leave now, before the first upstream read: a client learns at once that
+    # its stream started, even when the upstream's first event arrives in pieces.
+    await out.prepare(request)
     ex.status = 200
-    splitter = EventSplitter(cfg.sse.max_event_bytes)
-    tap = UsageTap(strip)
+    pump = Pump(
+        cfg.sse.max_event_bytes, strip=strip, require_done=request.path != "/v1/responses"
+    )
     heartbeat = Heartbeat(
         out,
         cfg.sse.heartbeat_interval,
         guard=WriteGuard(request, cfg.sse.write_timeout, asyncio.get_running_loop().time()),
     )
-    loop = asyncio.get_running_loop()
-    read = resp.content.readany
-    failure: tuple[Outcome, bytes] | None = None
-    events = 0  # `data:` lines relayed: the usage of a stream its client cut short
     active = request.app[METRICS].active_streams
     active.inc()
     try:
-        while True:
-            try:
-                if held:
-                    held = False
-                    data = resp.content.read_nowait()  # what came with the upstream's headers
-                    if not data:
-                        assert writer is not None
-                        writer.send_headers()
-                        continue
-                else:
-                    data = await read()
-                if not data:
-                    break
-                block = splitter.feed(data)
-            except TimeoutError:
-                failure = (
-                    "timeout",
-                    sse_error_event("upstream timed out", "timeout", "upstream_timeout"),
-                )
-                break
-            except ShuttingDown as exc:
-                failure = ("timeout", exc.sse_event())
-                break
-            except SSEError as exc:
-                failure = (
-                    "upstream_error",
-                    sse_error_event(str(exc), "upstream_error", "event_too_large"),
-                )
-                break
-            except aiohttp.ClientError:
-                failure = (
-                    "upstream_error",
-                    sse_error_event(
-                        "upstream connection lost", "upstream_error", "upstream_disconnected"
-                    ),
-                )
-                break
-            if block:
-                block = tap.process(block)
-                events += block.count(b"data:")
-                heartbeat.last = loop.time()
-                await out.write(block)
-                if ex.ttfb is None:
-                    ex.ttfb = loop.time()
-        if failure is None and (rest := splitter.flush()).strip():
-            # The upstream's last event lacked its blank line: complete it rather than drop it.
-            heartbeat.last = loop.time()
-            await out.write(tap.process(rest + b"\n\n"))
-        if failure is None and not tap.done and request.path != "/v1/responses":
-            # The upstream closed without `data: [DONE]`: the client must not mistake
-            # a cut stream for a finished one.
-            failure = (
-                "upstream_error",
-                sse_error_event(
-                    "upstream ended the stream early", "upstream_error", "stream_truncated"
-                ),
-            )
-        if failure is not None:
-            ex.outcome = failure[0]
-            await out.write(failure[1])
+        ex.outcome = await pump.run(resp, _ClientSink(out, heartbeat, ex))
         heartbeat.stop()
         await out.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
         # The client went away (write failed, or aiohttp cancelled the handler). One that
         # leaves right after `data: [DONE]` (as the openai SDK does) got the whole stream.
-        ex.delivered = tap.done
-        if not tap.done:
+        ex.delivered = pump.done
+        if not pump.done:
             ex.outcome = "client_disconnected"
         raise
     finally:
         heartbeat.stop()
         active.dec()
-        ex.usage = tap.usage
-        if ex.usage is None and ex.outcome == "client_disconnected" and events:
-            # Cut before the upstream's usage chunk: charge the deltas relayed until then,
-            # about one token each (the prompt's size is unknown here).
-            ex.usage = Usage(completion_tokens=events, total_tokens=events)
+        ex.usage = pump.usage  # the upstream's, else what was relayed (see `Pump.usage`)
     return out

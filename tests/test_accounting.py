@@ -18,6 +18,8 @@ from gateway.usage.tap import Usage, UsageTotals
 from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body
 from .faulty import USAGE as SCRIPTED_USAGE
 from .faulty import Faulty, Step
+from .test_metrics import scrape, value
+from .test_streaming import ENDS, catalogue_app, fault_body
 
 
 async def usage_of(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, object]:
@@ -190,3 +192,45 @@ async def test_accounting_records_from_its_own_task_even_when_the_handler_is_can
     await anext(drain, None)  # shutdown waits for the pending record
     assert accounting.pending == 0
     assert await store.totals("c") == UsageTotals(1, 7, 3, 10)
+
+
+async def test_usage_and_tokens_total_agree_after_a_mixed_run(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Relayed streams, JSON, detached streams, a stream cut by the upstream on each route,
+    and a client that leaves: /v1/usage and gateway_tokens_total count the same tokens,
+    and the estimates count events, not the bytes `data:` inside their content."""
+    up = await start_upstream(catalogue_app())
+    gw = await gateway_factory(up.url, retry={"attempts": 1})
+    cut = f"reset:{ENDS[2] + 30}"  # three whole events (with `data:` in their text), then RST
+    for fault, stream in (("good", True), ("good", False), (cut, True)):
+        async with http.post(f"{gw.url}/v1/chat/completions", json=fault_body(fault, stream)) as r:
+            assert r.status == 200
+            await r.read()
+    for fault in ("good", cut):
+        async with http.post(f"{gw.url}/v1/streams", json=fault_body(fault)) as r:
+            url = (await r.json())["url"]
+        async with http.get(gw.url + url) as r:
+            await r.read()
+    async with aiohttp.ClientSession() as own:  # the client that leaves after three events
+        resp = await own.post(f"{gw.url}/v1/chat/completions", json=fault_body("hang"))
+        for _ in range(3):
+            assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+        resp.close()
+    async with asyncio.timeout(5):
+        while (totals := await usage_of(http, gw))["requests"] < 6:
+            await asyncio.sleep(0.01)  # the generations and the cut stream end just after
+    # good x3 (5 + 6 each); three cut after three events: 3 estimated completion tokens each.
+    assert totals == {
+        "client": "anonymous",
+        "requests": 6,
+        "prompt_tokens": 15,
+        "completion_tokens": 27,
+        "total_tokens": 42,
+    }
+    samples = await scrape(http, gw)
+    tokens = {
+        kind: value(samples, "gateway_tokens_total", client="anonymous", kind=kind)
+        for kind in ("prompt", "completion")
+    }
+    assert tokens == {"prompt": 15, "completion": 27}

@@ -29,32 +29,6 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-async def test_hold_headers_sends_the_headers_with_the_first_write() -> None:
-    """Held, `prepare()` writes nothing; the first `write()` carries headers and body."""
-    seen: dict[str, int] = {}
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        aiohttp_seams.hold_headers(resp)
-        await resp.prepare(request)
-        seen["after_prepare"] = aiohttp_seams.bytes_sent(request)
-        await resp.write(b"data: x\n\n")
-        seen["after_write"] = aiohttp_seams.bytes_sent(request)
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner, url = await _serve(app)
-    try:
-        async with aiohttp.ClientSession() as http, http.get(url) as resp:
-            assert await resp.read() == b"data: x\n\n"
-    finally:
-        await runner.cleanup()
-    assert seen["after_prepare"] == 0
-    assert seen["after_write"] > len(b"data: x\n\n")  # the headers went in the same write
-
-
 async def test_bytes_sent_counts_what_the_transport_was_handed() -> None:
     seen: list[int] = []
 

@@ -195,3 +195,89 @@ async def test_usage_asked_by_the_client_is_kept(gateway, http) -> None:
     last = chunks_of(body)[-1]
     assert last["choices"] == []
     assert last["usage"]["total_tokens"] > 0
+
+
+async def test_stream_headers_reach_the_client_before_a_first_event_that_comes_in_halves(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http
+) -> None:
+    """The upstream sends its headers and half an event, then pauses 2 s: the client has
+    the status and headers at once, not when the event is whole."""
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hello"}}]}\n\n'
+    resume = asyncio.Event()
+
+    async def halves(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(first[:20])
+        try:
+            await asyncio.wait_for(resume.wait(), 2.0)
+        except TimeoutError:
+            pass
+        await resp.write(first[20:] + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", halves)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        waited = loop.time() - sent
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        resume.set()
+        assert await resp.read() == first + b"data: [DONE]\n\n"
+    print(f"stream headers after {waited * 1000:.1f} ms")
+    assert waited < 1.0, waited  # well under the upstream's 2 s pause (about 5 ms unloaded)
+
+
+def html_upstream(content_type: str) -> web.Application:
+    """Answers every route 200 with an HTML error page, labelled `content_type`."""
+    page = b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>"
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=page, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json", "text/plain"])
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/chat/completions", chat_body(stream=False)),
+        ("POST", "/v1/embeddings", {"model": "mock-embed", "input": "hi"}),
+        ("GET", "/v1/models", None),
+    ],
+)
+async def test_a_200_json_route_answered_with_an_html_page_is_502(
+    start_upstream: StartUpstream,
+    gateway_factory: GatewayFactory,
+    http,
+    content_type: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+) -> None:
+    up = await start_upstream(html_upstream(content_type))
+    gw = await gateway_factory(up.url, retry={"attempts": 1})
+    with structlog.testing.capture_logs() as logs:
+        async with http.request(method, f"{gw.url}{path}", json=body) as resp:
+            assert resp.status == 502
+            assert resp.content_type == "application/json"
+            answer = await resp.json()
+    assert answer == {
+        "error": {
+            "message": answer["error"]["message"],
+            "type": "upstream_error",
+            "code": "bad_upstream_response",
+        }
+    }
+    assert "<html" not in answer["error"]["message"].lower()
+    access = [e for e in logs if e["event"] == "access"][-1]
+    assert (access["status"], access["outcome"]) == (502, "upstream_error")

@@ -8,8 +8,11 @@ goes on with no reader attached. It turns each upstream chunk into log events:
     done    {"finish_reason": ...}, last, after `data: [DONE]`
     fail    {"error": {...}}, last, when the upstream failed or the gateway stopped
 
-It stops (closing the upstream connection) when the log ends under it: a DELETE from any
-process (`EventLog.cancel`), or the log's bound.
+The reading, splitting, failure mapping and usage estimate are `gateway.streaming.Pump`'s,
+the relay's own core; this module adds the sink that turns events into log entries. It stops
+(closing the upstream connection) when the log ends under it: a DELETE from any process
+(`EventLog.cancel`), or the log's bound. Its tokens are accounted like a relayed request's:
+`/v1/usage`, tpm and `gateway_tokens_total`.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from ..errors import GatewayError, error_body
 from ..exchange import Exchange
 from ..identity import Identity
 from ..limits import LIMITER
+from ..metrics import METRICS
 from ..middlewares.throttle import charge_tokens
-from ..sse import EventSplitter, SSEError, iter_events, parse_event
+from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
+from ..streaming import Failure, Pump, SinkFailed
 from ..upstream.pool import UPSTREAMS
 from ..usage import USAGE
 from ..usage.tap import Usage
@@ -60,6 +65,10 @@ class Job:
 
 class _Ended(Exception):
     """The log refused an append: cancelled, or over its bound."""
+
+
+class _Completed(Exception):
+    """`data: [DONE]` is in the log as `done`: the generation is over."""
 
 
 def _fail(message: str, type_: str, code: str) -> str:
@@ -111,6 +120,8 @@ async def _finish(app: web.Application, job: Job, outcome: str) -> None:
     if job.slot is not None:
         await job.slot.release()
     usage = job.ex.usage
+    if usage is not None and METRICS in app:
+        app[METRICS].charge(job.client, usage)  # first: it cannot fail, the store can
     if USAGE in app:
         await app[USAGE].record(job.client, usage, streamed=True)
     if job.identity is not None and usage is not None and LIMITER in app:
@@ -145,7 +156,17 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
         if resp.status != 200 or resp.content_type != "text/event-stream":
             await put(FAIL, await _error_of(resp))
             return "upstream_error"
-        return await _pump(app, resp, job, put)
+        pump = Pump(app[CONFIG].sse.max_event_bytes, strip=False, require_done=True)
+        sink = _LogSink(put)
+        try:
+            outcome = await pump.run(resp, sink)
+        except _Completed:
+            return "completed"
+        finally:
+            job.ex.usage = pump.usage  # the upstream's, else what was delivered
+        if outcome == "completed":
+            await sink.done()  # a [DONE] the sink did not read as one (a multi-line event)
+        return outcome
     finally:
         if not resp.content.at_eof():
             resp.close()  # drop the connection: the upstream stops generating
@@ -155,48 +176,54 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
 Put = Callable[[str, str], Awaitable[None]]
 
 
-async def _pump(app: web.Application, resp: aiohttp.ClientResponse, job: Job, put: Put) -> str:
-    splitter = EventSplitter(app[CONFIG].sse.max_event_bytes)
-    finish: str | None = None
-    try:
-        while data := await resp.content.readany():
-            for raw in iter_events(splitter.feed(data)):
-                ev = parse_event(raw)
-                if ev is None or ev.data is None:
-                    continue
-                if ev.data.strip() == "[DONE]":
-                    await put(DONE, orjson.dumps({"finish_reason": finish}).decode())
-                    return "completed"
-                chunk = _json(ev.data)
-                if chunk is None:
-                    continue
-                if "error" in chunk:
-                    await put(FAIL, orjson.dumps({"error": chunk["error"]}).decode())
-                    return "upstream_error"
-                usage = Usage.from_obj(chunk.get("usage"))
-                choice = _first_choice(chunk.get("choices"))
-                if choice is not None:
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict) and delta:
-                        await put(DELTA, orjson.dumps(delta).decode())
-                    if isinstance(choice.get("finish_reason"), str):
-                        finish = choice["finish_reason"]
-                if usage is not None:
-                    job.ex.usage = usage
-                    await put(USAGE_EVENT, orjson.dumps(chunk["usage"]).decode())
-    except TimeoutError:
-        await put(FAIL, _fail("upstream timed out", "timeout", "upstream_timeout"))
-        return "timeout"
-    except SSEError as exc:
-        await put(FAIL, _fail(str(exc), "upstream_error", "event_too_large"))
-        return "upstream_error"
-    except aiohttp.ClientError:
-        await put(
-            FAIL, _fail("upstream connection lost", "upstream_error", "upstream_disconnected")
-        )
-        return "upstream_error"
-    await put(FAIL, _fail("upstream ended the stream early", "upstream_error", "stream_truncated"))
-    return "upstream_error"
+class _LogSink:
+    """The generation's `streaming.Sink`: each upstream chunk becomes log events."""
+
+    __slots__ = ("_finish", "_put", "ended")
+
+    def __init__(self, put: Put) -> None:
+        self._put = put
+        self._finish: str | None = None  # the last finish_reason of choice 0
+        self.ended = False  # the final event (done or fail) is in the log
+
+    async def send(self, block: bytes) -> None:
+        if self.ended:
+            return  # nothing goes after the final event
+        put = self._put
+        for raw in iter_events(block):
+            ev = parse_event(raw)
+            if ev is None or ev.data is None:
+                continue
+            if ev.data.rstrip(" \t") == "[DONE]":
+                await self.done()
+                raise _Completed  # stop now: the log has ended, its readers are told
+            chunk = _json(ev.data)
+            if chunk is None:
+                continue
+            if "error" in chunk:
+                error = orjson.dumps({"error": chunk["error"]})
+                raise SinkFailed(Failure("upstream_error", error))
+            usage = Usage.from_obj(chunk.get("usage"))
+            choice = _first_choice(chunk.get("choices"))
+            if choice is not None:
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and delta:
+                    await put(DELTA, orjson.dumps(delta).decode())
+                if isinstance(choice.get("finish_reason"), str):
+                    self._finish = choice["finish_reason"]
+            if usage is not None:
+                await put(USAGE_EVENT, orjson.dumps(chunk["usage"]).decode())
+
+    async def done(self) -> None:
+        """End the log with `done` (once)."""
+        if not self.ended:
+            self.ended = True
+            await self._put(DONE, orjson.dumps({"finish_reason": self._finish}).decode())
+
+    async def fail(self, failure: Failure) -> None:
+        if not self.ended:
+            self.ended = True
+            await self._put(FAIL, failure.body.decode())
 
 
 def _json(text: str) -> dict[str, Any] | None:
