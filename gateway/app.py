@@ -23,7 +23,7 @@ from .policy import POLICY, PolicyHolder
 from .process.drain import DRAIN, Drain
 from .process.reload import RELOADERS, Reloaders
 from .responses import handlers as responses
-from .state import CONFIG, FINISHED, HTTP, PUBLIC, Finisher
+from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNCOUNTED, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
 from .upstream.pool import UPSTREAMS, UpstreamPool
@@ -106,10 +106,13 @@ def create_app(cfg: Config) -> web.Application:
         app.router.add_post(path, relay.relay_post)
     # Background responses (the rest of /v1/responses is relayed by `responses.create`).
     app.router.add_post("/v1/responses", responses.create)
-    response = app.router.add_resource("/v1/responses/{id}")
+    # Its own routes take no concurrency slot: the generation holds one already.
+    response = app.router.add_resource("/v1/responses/{id}", name=f"{UNCOUNTED}response")
     response.add_route("GET", responses.retrieve)
     response.add_route("DELETE", responses.delete)
-    app.router.add_post("/v1/responses/{id}/cancel", responses.cancel)
+    app.router.add_post(
+        "/v1/responses/{id}/cancel", responses.cancel, name=f"{UNCOUNTED}response_cancel"
+    )
     app.router.add_get("/v1/models", relay.relay_get)
     app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
     app.router.add_get("/v1/usage", usage_handler)

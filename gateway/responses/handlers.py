@@ -29,13 +29,13 @@ import orjson
 from aiohttp import web
 
 from .. import relay, validation
-from ..errors import BadRequest, Forbidden, GatewayError, NotFound, Unavailable, UpstreamError
+from ..errors import BadRequest, Forbidden, NotFound, Unavailable, UpstreamError, error_body
 from ..exchange import Exchange
 from ..state import EXCHANGE, IDENTITY, SLOT
 from ..streams.handlers import serve_log
 from ..streams.log import EVENT_LOG, Batch
 from ..streams.registry import STREAM_TASKS
-from ..upstream.pool import UPSTREAMS, forward_headers
+from ..upstream.pool import UPSTREAMS, forward_headers, relay_headers
 from . import objects, pump
 
 # What a read of the log may return at once (a reader far behind catches up in batches).
@@ -99,7 +99,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     handed = False
     try:
         if resp.status != 200 or resp.content_type != "text/event-stream":
-            raise await _refused(resp, up.name, up.cfg.api_key)
+            return await _refused(resp, up.name, up.cfg.api_key)
         events = request.app[EVENT_LOG]
         await events.create(response_id)
         if await events.append(response_id, objects.META, objects.meta(client, base)) is None:
@@ -120,38 +120,44 @@ async def create(request: web.Request) -> web.StreamResponse:
     return _json(base)
 
 
-async def _refused(resp: aiohttp.ClientResponse, name: str, api_key: str) -> GatewayError:
-    """The error for an upstream that did not start an event stream."""
+async def _refused(resp: aiohttp.ClientResponse, name: str, api_key: str) -> web.Response:
+    """The answer to a create call the upstream did not start an event stream for: a missing
+    /v1/responses is a 502 of ours; any other refusal (400, 401, 429, ...) is relayed with
+    its status and error object, as the relay does."""
     data = bytearray()
     try:
         while len(data) <= _MAX_ERROR_BYTES and (chunk := await resp.content.readany()):
             data += chunk
     except (aiohttp.ClientError, TimeoutError):
         pass
-    message = ""
+    error = None
     try:
         obj = orjson.loads(data)
         error = obj.get("error") if isinstance(obj, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
     except orjson.JSONDecodeError:
         pass
+    text = orjson.dumps({"error": error}).decode() if isinstance(error, dict) else ""
     if api_key:
-        message = message.replace(api_key, "[REDACTED]")  # some quote the key they were sent
-    said = f" ({message})" if message else ""
+        text = text.replace(api_key, "[REDACTED]")  # some quote the key they were sent
     if resp.status == 200:
-        return UpstreamError(
+        raise UpstreamError(
             f"upstream {name} answered a stream request with {resp.content_type!r}, not events",
             code="bad_upstream_response",
         )
     if resp.status in (404, 405, 501):
-        return UpstreamError(
-            f"upstream {name} does not serve /v1/responses: it answered {resp.status}{said}",
+        raise UpstreamError(
+            f"upstream {name} does not serve /v1/responses (it answered {resp.status}): "
+            "background responses need it",
             code="responses_unsupported",
         )
-    return UpstreamError(
-        f"upstream {name} refused the request: it answered {resp.status}{said}",
-        code="upstream_refused",
+    body = text.encode() or error_body(
+        f"upstream answered {resp.status}", "upstream_error", "bad_gateway"
+    )
+    return web.Response(
+        status=resp.status,
+        body=body,
+        headers=relay_headers(resp.headers, resp.status),
+        content_type="application/json",
     )
 
 
@@ -210,7 +216,7 @@ async def _follow(
     if batch is None:
         raise _unknown()
     return await serve_log(
-        request, response_id, batch, lambda evs: objects.encode(evs, base)
+        request, response_id, after, batch, lambda evs: objects.encode(evs, base)
     )
 
 

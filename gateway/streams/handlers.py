@@ -120,7 +120,7 @@ async def follow_stream(request: web.Request) -> web.StreamResponse:
     if batch.ended and not batch.events:
         return web.Response(status=204)  # EventSource stops reconnecting on 204
     retry = encode_event(retry=request.app[CONFIG].sse.retry_ms)
-    return await serve_log(request, stream_id, batch, _encode, first=retry)
+    return await serve_log(request, stream_id, after, batch, _encode, first=retry)
 
 
 def _encode(events: Sequence[Event]) -> bytes:
@@ -130,18 +130,21 @@ def _encode(events: Sequence[Event]) -> bytes:
 async def serve_log(
     request: web.Request,
     stream_id: str,
+    after: int,
     batch: Batch,
     encode: Callable[[Sequence[Event]], bytes],
     *,
     first: bytes = b"",
 ) -> web.StreamResponse:
-    """Answer with an event stream: `first`, then `batch` (a first read of the log), then
+    """Answer with an event stream: `first`, then `batch` (the log read after `after`), then
     every later event live, each batch written as `encode` makes it, until the log ends."""
     sse_cfg = request.app[CONFIG].sse
     events = request.app[EVENT_LOG]
     ex = request[EXCHANGE]
     ex.stream = True
-    resp = EventSourceResponse(sep="\n", ping_interval=sse_cfg.heartbeat_interval)
+    resp = EventSourceResponse(
+        sep="\n", ping_interval=sse_cfg.heartbeat_interval, allow_all_methods=True
+    )
     await resp.prepare(request)
     ex.status = 200
     # A reader that stops reading is dropped after write_timeout (aiohttp waits forever).
