@@ -23,7 +23,8 @@ from .middlewares.tracing import make_tracing_middleware, on_prepare
 from .policy import POLICY, PolicyHolder
 from .process.drain import DRAIN, Drain
 from .process.reload import RELOADERS, Reloaders
-from .state import CONFIG, FINISHED, HTTP, PUBLIC, Finisher
+from .responses import handlers as responses
+from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNCOUNTED, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
 from .upstream.pool import UPSTREAMS, UpstreamPool
@@ -102,8 +103,17 @@ def create_app(cfg: Config) -> web.Application:
 
     app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
     app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, relay.relay_post)
+    # Background responses (the rest of /v1/responses is relayed by `responses.create`).
+    app.router.add_post("/v1/responses", responses.create)
+    # Its own routes take no concurrency slot: the generation holds one already.
+    response = app.router.add_resource("/v1/responses/{id}", name=f"{UNCOUNTED}response")
+    response.add_route("GET", responses.retrieve)
+    response.add_route("DELETE", responses.delete)
+    app.router.add_post(
+        "/v1/responses/{id}/cancel", responses.cancel, name=f"{UNCOUNTED}response_cancel"
+    )
     app.router.add_get("/v1/models", relay.relay_get)
     app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
     app.router.add_get("/v1/usage", usage_handler)

@@ -310,6 +310,7 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     rid, text = f"resp_mock{request.app[MOCK_STATE].requests.total()}", "".join(pieces)
     part = {"type": "output_text", "text": text, "annotations": []}
     item = {"type": "message", "id": f"msg_{rid}", "role": "assistant", "content": [part]}
+    item["status"] = "completed"
     response = {"id": rid, "object": "response", "created_at": int(time.time())}
     response["model"] = body["model"]
     usage = _usage(prompt, pieces, ("input", "output"))
@@ -317,10 +318,17 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     if not body.get("stream"):
         return web.json_response(done)
     delta = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    running = {**response, "status": "in_progress", "output": []}
+    empty = {**item, "status": "in_progress", "content": []}
     events: list[tuple[str, Json]] = [
-        ("response.created", {"response": {**response, "status": "in_progress", "output": []}}),
+        ("response.created", {"response": running}),
+        ("response.in_progress", {"response": running}),
+        ("response.output_item.added", {"output_index": 0, "item": empty}),
+        ("response.content_part.added", {**delta, "part": {**part, "text": ""}}),
         *(("response.output_text.delta", {**delta, "delta": p}) for p in pieces),
         ("response.output_text.done", {**delta, "text": text}),
+        ("response.content_part.done", {**delta, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
         ("response.completed", {"response": done}),
     ]
     frames = (

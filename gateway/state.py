@@ -36,6 +36,10 @@ class Slot(Protocol):
 # Routes whose name starts with this are served without credentials (health, the demo page,
 # reading a detached stream whose unguessable id is its own authorization).
 PUBLIC = "public:"
+# Routes whose name starts with this take no concurrency slot (`max_concurrent`): they read,
+# stop or forget work that already holds one (a background response's own routes), so a
+# client at its limit can still follow or cancel what it started.
+UNCOUNTED = "uncounted:"
 
 # Request-scoped: the record the access log is written from, and who is calling.
 EXCHANGE = web.RequestKey("exchange", Exchange)

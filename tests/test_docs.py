@@ -400,13 +400,20 @@ def test_the_readme_tour_runs_against_make_runs_gateway(make_run) -> None:
     port, work = make_run
     blocks = _tour_blocks()
     # Each block's expected output below; a block added to the tour needs its own.
-    assert [lang for lang, _ in blocks] == ["sh", "python", "sh"]
+    assert [lang for lang, _ in blocks] == ["sh", "python", "sh", "python"]
     # The shell blocks run in one shell, as a reader's terminal does (the first sets $KEY).
     mark = "@@ next block @@"
     shell = _run("sh", f"\necho '{mark}'\n".join(c for lang, c in blocks if lang == "sh"),
                  port, work)
     chat, streams = shell.split(mark + "\n")
-    (sdk,) = (_run(lang, c, port, work) for lang, c in blocks if lang == "python")
+    # Likewise the Python blocks in one interpreter (the second uses the first's `client`).
+    python = _run(
+        "python",
+        f"\nprint('{mark}')\n".join(c for lang, c in blocks if lang == "python"),
+        port,
+        work,
+    )
+    sdk, background = python.split(mark + "\n")
 
     # Streamed: SSE chunks, then [DONE]; not streamed: one completion; then the model list.
     assert chat.count("data: {") > 2 and "data: [DONE]" in chat
@@ -415,6 +422,9 @@ def test_the_readme_tour_runs_against_make_runs_gateway(make_run) -> None:
     assert "You said: Say hello" in "".join(re.findall(r'"content":\s*"([^"]*)"', chat))
 
     assert sdk.startswith("You said: Say hello")
+    # The background response resumed after sequence number 5, then retrieved: completed.
+    assert background.rstrip().endswith("completed")
+    assert len(background.strip()) > len("completed")  # the deltas after the cursor
 
     # The detached stream from event 1 to done, then replayed after event 3 only.
     ids = [int(i) for i in re.findall(r"^id: (\d+)$", streams, re.M)]

@@ -408,10 +408,20 @@ async def test_responses_stream_ends_with_completed_and_usage(
 
     names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
     datas = [json.loads(b.split("\n")[1].removeprefix("data: ")) for b in blocks]
-    assert names[:4] == ["response.created", *["response.output_text.delta"] * 3]
-    assert names[4:] == ["response.output_text.done", "response.completed"]
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 3,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [d["type"] for d in datas] == names
-    assert "".join(d["delta"] for d in datas[1:4]) == "You said: hello"
+    assert [d["sequence_number"] for d in datas] == list(range(len(names)))
+    assert "".join(d["delta"] for d in datas[4:7]) == "You said: hello"
     usage = {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5}
     assert datas[-1]["response"]["usage"] == usage == whole["usage"]
     assert whole["output"][0]["content"][0]["text"] == "You said: hello"

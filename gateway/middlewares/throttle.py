@@ -24,7 +24,7 @@ from ..identity import Identity
 from ..limits import LIMITER, LimiterBackend
 from ..limits.gcra import Decision, Rate, tokens_per_minute
 from ..policy import PolicyHolder
-from ..state import EXCHANGE, IDENTITY, SLOT
+from ..state import EXCHANGE, IDENTITY, SLOT, UNCOUNTED
 from .headers import add_response_headers
 
 log = structlog.get_logger("gateway.throttle")
@@ -108,7 +108,9 @@ def make_client_throttle_middleware(holder: PolicyHolder) -> Middleware:
                 ex.reason = "tpm"
                 raise RateLimited("Rate limit reached for tokens", retry_after=d.retry_after)
         slot = None
-        if identity.max_concurrent:
+        if identity.max_concurrent and not (request.match_info.route.name or "").startswith(
+            UNCOUNTED
+        ):
             key = f"conc:{client}"
             lease = await limiter.slot_acquire(
                 key, identity.max_concurrent, holder.current.lease_ttl

@@ -12,7 +12,9 @@ written a batch at a time (one write for all the events a read returned), rather
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
+from collections.abc import Callable, Sequence
 
 import orjson
 from aiohttp import web
@@ -27,11 +29,13 @@ from ..upstream.pool import UPSTREAMS, forward_headers
 from ..usage.tap import ensure_usage_requested
 from ..writeguard import WriteDeadline
 from . import generation
-from .log import EVENT_LOG
+from .log import EVENT_LOG, Batch, Event
 from .registry import STREAM_TASKS
 
 # What one read may return; a reader far behind catches up in batches of this size.
 _READ_LIMIT = 500
+# What `start_stream` makes (secrets.token_urlsafe(24)); other logs share the EventLog.
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 def _unknown() -> NotFound:
@@ -105,36 +109,58 @@ def _last_event_id(request: web.Request) -> int:
 
 async def follow_stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/streams/{id}: replay after Last-Event-ID, then follow live."""
-    sse_cfg = request.app[CONFIG].sse
     events = request.app[EVENT_LOG]
     stream_id = request.match_info["id"]
+    if not _STREAM_ID.fullmatch(stream_id):
+        raise _unknown()  # not one of ours (a background response's log, say): never served
     after = _last_event_id(request)
     batch = await events.read(stream_id, after, timeout=0, limit=_READ_LIMIT)
     if batch is None:
         raise _unknown()
     if batch.ended and not batch.events:
         return web.Response(status=204)  # EventSource stops reconnecting on 204
+    retry = encode_event(retry=request.app[CONFIG].sse.retry_ms)
+    return await serve_log(request, stream_id, after, batch, _encode, first=retry)
+
+
+def _encode(events: Sequence[Event]) -> bytes:
+    return b"".join(encode_event(e.data, event=e.kind, id=e.id) for e in events)
+
+
+async def serve_log(
+    request: web.Request,
+    stream_id: str,
+    after: int,
+    batch: Batch,
+    encode: Callable[[Sequence[Event]], bytes],
+    *,
+    first: bytes = b"",
+) -> web.StreamResponse:
+    """Answer with an event stream: `first`, then `batch` (the log read after `after`), then
+    every later event live, each batch written as `encode` makes it, until the log ends."""
+    sse_cfg = request.app[CONFIG].sse
+    events = request.app[EVENT_LOG]
     ex = request[EXCHANGE]
     ex.stream = True
-    resp = EventSourceResponse(sep="\n", ping_interval=sse_cfg.heartbeat_interval)
+    resp = EventSourceResponse(
+        sep="\n", ping_interval=sse_cfg.heartbeat_interval, allow_all_methods=True
+    )
     await resp.prepare(request)
     ex.status = 200
     # A reader that stops reading is dropped after write_timeout (aiohttp waits forever).
     deadline = WriteDeadline(request, sse_cfg.write_timeout, sse_cfg.heartbeat_interval)
     try:
-        await resp.write(encode_event(retry=sse_cfg.retry_ms))
+        if first:
+            await resp.write(first)
         age = sse_cfg.max_connection_age
         try:
             async with asyncio.timeout(age if age > 0 else None):
                 while True:
                     if batch.events:
-                        await resp.write(
-                            b"".join(
-                                encode_event(e.data, event=e.kind, id=e.id) for e in batch.events
-                            )
-                        )
-                        if ex.ttfb is None:
-                            ex.ttfb = asyncio.get_running_loop().time()
+                        if data := encode(batch.events):
+                            await resp.write(data)
+                            if ex.ttfb is None:
+                                ex.ttfb = asyncio.get_running_loop().time()
                         after = batch.events[-1].id
                     if batch.ended:
                         break
@@ -156,6 +182,7 @@ async def follow_stream(request: web.Request) -> web.StreamResponse:
 
 async def stop_stream(request: web.Request) -> web.Response:
     """DELETE /v1/streams/{id}: end the log with done(cancelled); the owner then stops."""
-    if not await request.app[EVENT_LOG].cancel(request.match_info["id"]):
+    stream_id = request.match_info["id"]
+    if not _STREAM_ID.fullmatch(stream_id) or not await request.app[EVENT_LOG].cancel(stream_id):
         raise _unknown()
     return web.Response(status=204)

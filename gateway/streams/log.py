@@ -87,6 +87,10 @@ class EventLog(Protocol):
         """Return once the log has ended (or is gone). The owner awaits this beside its
         generation to learn of a `cancel` from any process."""
 
+    async def delete(self, stream_id: str) -> bool:
+        """`cancel`, then free the log at once (reads return None from now on). True when
+        the id was known."""
+
 
 @dataclass(slots=True)
 class _Log:
@@ -198,6 +202,12 @@ class MemoryEventLog:
         log = self._logs.get(stream_id)
         if log is not None:
             await log.end.wait()
+
+    async def delete(self, stream_id: str) -> bool:
+        if not await self.cancel(stream_id):
+            return False
+        self._free(stream_id)  # ended by the cancel: its retained bytes are given back
+        return True
 
     def close(self) -> None:
         """Drop every log and its expiry timer (at app cleanup)."""

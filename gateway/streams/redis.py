@@ -307,6 +307,18 @@ class RedisEventLog:
             self._mark_ended(stream_id)
         return known != 0
 
+    async def delete(self, stream_id: str) -> bool:
+        if not await self.cancel(stream_id):  # published: the owner, wherever, stops
+            return False
+        try:
+            await self._conn.cmd.delete(*_keys(stream_id))
+        except (RedisError, OSError) as exc:
+            self._error(exc, "delete")
+            raise RedisUnavailable(
+                "Detached streams are unavailable: Redis is unreachable"
+            ) from exc
+        return True
+
     async def wait_ended(self, stream_id: str) -> None:
         ev = self._ended.get(stream_id)
         if ev is None:
