@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -183,9 +183,18 @@ def _peer_allowed(
     return any(ip in net for net in allow)
 
 
+# Headers a reverse proxy adds to what it relays. Behind nginx every peer is 127.0.0.1, so the
+# peer allow-list alone would serve the metrics to the world through the proxy; a scrape is
+# never relayed, so a request carrying one of these is refused whatever its peer.
+_PROXIED = (hdrs.X_FORWARDED_FOR, hdrs.FORWARDED)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
-    """GET [metrics].path: Prometheus text format, for `[metrics].allow` peers only."""
+    """GET [metrics].path: Prometheus text format, for `[metrics].allow` peers only, and
+    never for a request that came through a proxy."""
     metrics = request.app[METRICS]
+    if any(h in request.headers for h in _PROXIED):
+        raise Forbidden("Metrics are not served through a proxy", code="metrics_forbidden")
     if not _peer_allowed(request, metrics.allow):
         raise Forbidden("Metrics are not served to this address", code="metrics_forbidden")
     return web.Response(
