@@ -9,8 +9,12 @@ so both backends answer a given history identically.
 Concurrency slots are leases in a sorted set per key (member: lease id, score: expiry in
 ms). A lease lives `lease_ttl` seconds and is renewed by this process while it is held (one
 pipelined round trip every `lease_ttl / 3` for all leases), so the slots of an instance that
-died come back within `lease_ttl`. Renewing re-adds a lease that is missing, so after a
-Redis restart the held slots are counted again from the next renewal.
+died come back within `lease_ttl`.
+
+A renewal only extends leases still there (`ZADD XX`): a lease released while the renewal
+was in flight stays released. Each instance keeps a marker key alive (set by every acquire
+and renewal, `3 * lease_ttl`); when it is missing, Redis lost its data (a restart), and that
+renewal re-adds the leases this instance holds, so held slots are counted again.
 
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
@@ -90,7 +94,8 @@ local function keep(key, ttl)
 end
 """
 
-# KEYS[1] lease zset; ARGV limit, ttl_ms, lease. Expired leases are dropped first.
+# KEYS[1] lease zset, KEYS[2] this instance's marker; ARGV limit, ttl_ms, lease, marker_ms.
+# Expired leases are dropped first.
 _ACQUIRE = (
     _NOW_MS
     + """
@@ -99,20 +104,28 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 keep(KEYS[1], ttl)
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
 return 1
 """
 )
 
-# KEYS lease zsets; ARGV ttl_ms, then one lease id per key. Re-adds a missing lease.
+# KEYS[1] this instance's marker, then lease zsets; ARGV ttl_ms, marker_ms, then one lease id
+# per zset. Extends leases still held in Redis (XX); re-adds them only when the marker is gone.
 _RENEW = (
     _NOW_MS
     + """
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  keep(key, ttl)
+local lost = redis.call('EXISTS', KEYS[1]) == 0
+for i = 2, #KEYS do
+  if lost then
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
+  else
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  end
+  keep(KEYS[i], ttl)
 end
-return #KEYS
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[2])
+return lost and 1 or 0
 """
 )
 
@@ -145,6 +158,9 @@ class RedisLimiter:
         self._acquire = r.register_script(_ACQUIRE)
         self._renew = r.register_script(_RENEW)
         self._held: dict[str, _Held] = {}  # lease id -> where it is held
+        # Alive while this instance talks to Redis; its absence means Redis lost its data.
+        self._marker = f"{PREFIX}inst:{secrets.token_hex(8)}"
+        self._marker_ms = 3 * max(1, int(lease_ttl * 1000))
         self._renewer: asyncio.Task[None] | None = None
 
     def _error(self, exc: BaseException, what: str) -> None:
@@ -191,7 +207,9 @@ class RedisLimiter:
         ttl_ms = max(1, int(min(ttl, self.lease_ttl) * 1000))
         try:
             self._conn.check()
-            got = await self._acquire(keys=[PREFIX + key], args=[limit, ttl_ms, lease])
+            got = await self._acquire(
+                keys=[PREFIX + key, self._marker], args=[limit, ttl_ms, lease, self._marker_ms]
+            )
         except (RedisError, OSError) as exc:
             self._error(exc, "slot_acquire")
             return lease  # fail open: an unrecorded lease, released as a no-op
@@ -233,7 +251,8 @@ class RedisLimiter:
         ttl_ms = int(self.lease_ttl * 1000)
         try:
             await self._renew(
-                keys=[h.key for _, h in leases], args=[ttl_ms, *(lease for lease, _ in leases)]
+                keys=[self._marker, *(h.key for _, h in leases)],
+                args=[ttl_ms, self._marker_ms, *(lease for lease, _ in leases)],
             )
         except (RedisError, OSError) as exc:
             if isinstance(exc, CONNECTION_ERRORS):
