@@ -196,3 +196,41 @@ async def test_a_stream_running_through_a_redis_restart_ends_and_its_reader_is_t
         await asyncio.wait_for(up.state.client_disconnected.wait(), 10)
     again = await read_stream(http, b.url, path, last=first.events[-1].id)
     assert again.status == 404
+
+
+async def test_a_finished_generation_is_logged_completed_when_its_end_is_heard_first(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The owner's final append publishes the end; the instance can learn of it (pub/sub,
+    renewal) before the append's reply. Forced here: the reply is held until the renewal
+    has seen the ended log and the loop has turned a few times."""
+    from gateway.streams.log import EVENT_LOG, FINAL_KINDS
+    from gateway.streams.redis import RedisEventLog
+
+    gw = await gateway_factory(upstream.url, limits=redis_limits(redis_url))
+    events = gw.app[EVENT_LOG]
+    assert isinstance(events, RedisEventLog)
+    real = events._append
+
+    async def end_heard_before_the_reply(*, keys: list[str], args: list[Any]) -> Any:
+        n = await real(keys=keys, args=args)
+        if args[0] in FINAL_KINDS:
+            await events.renew()  # sees the log ended, as the pub/sub listener would
+            for _ in range(10):
+                await asyncio.sleep(0)  # the generation's watcher may act on it now
+        return n
+
+    events._append = end_heard_before_the_reply  # type: ignore[assignment]
+    with capture_logs() as seen:
+        path = await start_stream(http, gw.url)
+        got = await read_stream(http, gw.url, path)
+        async with asyncio.timeout(10):
+            while not [e for e in seen if e["event"] == "stream_ended"]:
+                await asyncio.sleep(0.01)  # written by the generation's own task
+    assert got.events[-1].kind == "done"
+    assert got.events[-1].data == {"finish_reason": "stop"}
+    [ended] = [e for e in seen if e["event"] == "stream_ended"]
+    assert ended["stream_outcome"] == "completed"
