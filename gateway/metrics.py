@@ -9,6 +9,7 @@ bound then; nothing here runs per chunk (the relay moves `active_streams` once p
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
 from prometheus_client import (
@@ -108,10 +109,9 @@ class Metrics:
             registry=r,
         )
         self.allow = cfg.metrics.allow
-        self._clients = frozenset(k.client for k in cfg.auth.keys) | {"anonymous"}
-        self._tokens = {
-            (c, k): self.tokens.labels(c, k) for c in (*self._clients, "jwt") for k in TOKEN_KINDS
-        }
+        self._clients: frozenset[str] = frozenset()
+        self._tokens: dict[tuple[str, str], Counter] = {}
+        self.prepare_reload(cfg)()
         self._attempts: dict[tuple[str, str], Counter] = {}
         # requests_total children, bound on first use: routes are the router's few canonical
         # paths and statuses three digits, so this stays small; a labels() call per request
@@ -138,6 +138,24 @@ class Metrics:
         if child is None:
             child = self.breaker_state.labels(upstream)
         child.set(state)
+
+    def prepare_reload(self, cfg: Config) -> Callable[[], None]:
+        """Label the clients of `cfg` (at start, and on SIGHUP: `app[RELOADERS]`).
+
+        Clients are only ever added: a stream that a removed client started before the
+        reload still ends under its own label, and the set stays bounded by the configs seen.
+        """
+        clients = self._clients | {k.client for k in cfg.auth.keys} | {"anonymous"}
+        tokens = {
+            (c, k): self._tokens.get((c, k)) or self.tokens.labels(c, k)
+            for c in (*clients, "jwt")
+            for k in TOKEN_KINDS
+        }
+
+        def commit() -> None:
+            self._clients, self._tokens = clients, tokens
+
+        return commit
 
     def client_label(self, client: str) -> str:
         return client if client in self._clients else "jwt"

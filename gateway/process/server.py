@@ -23,7 +23,7 @@ from ..config import Config
 from ..state import CONFIG
 from . import notify
 from .drain import DRAIN
-from .reload import reload_file
+from .reload import RELOADERS, reload_file
 
 log = structlog.get_logger("gateway.server")
 
@@ -97,8 +97,10 @@ async def shutdown(runner: web.AppRunner, app: web.Application, grace: float) ->
     await runner.cleanup()
 
 
-async def _serve(cfg: Config, *, worker: bool) -> int:
+async def _serve(cfg: Config, *, worker: bool, redactor: logs.Redactor | None = None) -> int:
     app = create_app(cfg)
+    if redactor is not None:  # secrets added by a SIGHUP are masked in the logs too
+        app[RELOADERS].add("log_secrets", redactor.prepare_reload)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers before the port opens: a HUP or TERM right after READY=1 must not find the
@@ -134,7 +136,7 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
 
     With `workers > 1` (and not already a worker) this process supervises the workers.
     """
-    logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
+    redactor = logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()
@@ -146,5 +148,5 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(_serve(cfg, worker=worker))
-    return uvloop.run(_serve(cfg, worker=worker))
+        return asyncio.run(_serve(cfg, worker=worker, redactor=redactor))
+    return uvloop.run(_serve(cfg, worker=worker, redactor=redactor))
