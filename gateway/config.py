@@ -179,6 +179,9 @@ class SSEConfig:
     max_log_bytes: int = _check(_at_least(1024), 16 << 20)
     # All ended detached streams kept for resuming, together (oldest dropped first).
     max_retained_bytes: int = _check(_at_least(1024), 256 << 20)
+    # GET /v1/streams/{id} readers open at once on this instance (each holds a socket, and with
+    # Redis a blocking Redis connection); more are refused 503 too_many_followers.
+    max_followers: int = _check(_at_least(1), 1000)
 
 
 @dataclass(frozen=True, slots=True)
