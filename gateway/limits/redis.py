@@ -12,9 +12,10 @@ pipelined round trip every `lease_ttl / 3` for all leases), so the slots of an i
 died come back within `lease_ttl`.
 
 A renewal only extends leases still there (`ZADD XX`): a lease released while the renewal
-was in flight stays released. Each instance keeps a marker key alive (set by every acquire
-and renewal, `3 * lease_ttl`); when it is missing, Redis lost its data (a restart), and that
-renewal re-adds the leases this instance holds, so held slots are counted again.
+was in flight stays released. Beside each lease zset, each instance keeps a marker alive
+(`gw:lim:i:{<zset>}:<instance>`, set by every acquire and renewal for `3 * lease_ttl`; the hash tag
+puts it in the zset's cluster slot); when it is missing, Redis lost its data (a restart), and
+that renewal re-adds the leases this instance holds there, so held slots are counted again.
 
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
@@ -94,7 +95,8 @@ local function keep(key, ttl)
 end
 """
 
-# KEYS[1] lease zset, KEYS[2] this instance's marker; ARGV limit, ttl_ms, lease, marker_ms.
+# KEYS[1] lease zset, KEYS[2] this instance's marker for it; ARGV limit, ttl_ms, lease,
+# marker_ms.
 # Expired leases are dropped first.
 _ACQUIRE = (
     _NOW_MS
@@ -109,23 +111,24 @@ return 1
 """
 )
 
-# KEYS[1] this instance's marker, then lease zsets; ARGV ttl_ms, marker_ms, then one lease id
-# per zset. Extends leases still held in Redis (XX); re-adds them only when the marker is gone.
+# KEYS pairs (lease zset, this instance's marker for it); ARGV ttl_ms, marker_ms, then one
+# lease id per pair. Extends leases still held in Redis (XX); re-adds a lease only when its
+# zset's marker is gone (Redis lost its data).
 _RENEW = (
     _NOW_MS
     + """
 local ttl = tonumber(ARGV[1])
-local lost = redis.call('EXISTS', KEYS[1]) == 0
-for i = 2, #KEYS do
-  if lost then
-    redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
+for i = 1, #KEYS, 2 do
+  local lease = ARGV[2 + (i + 1) / 2]
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('ZADD', KEYS[i], now + ttl, lease)
   else
-    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, lease)
   end
   keep(KEYS[i], ttl)
+  redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
 end
-redis.call('SET', KEYS[1], 1, 'PX', ARGV[2])
-return lost and 1 or 0
+return #KEYS / 2
 """
 )
 
@@ -158,10 +161,14 @@ class RedisLimiter:
         self._acquire = r.register_script(_ACQUIRE)
         self._renew = r.register_script(_RENEW)
         self._held: dict[str, _Held] = {}  # lease id -> where it is held
-        # Alive while this instance talks to Redis; its absence means Redis lost its data.
-        self._marker = f"{PREFIX}inst:{secrets.token_hex(8)}"
+        # Markers beside the lease zsets: alive while this instance holds leases there.
+        self._instance = secrets.token_hex(8)
         self._marker_ms = 3 * max(1, int(lease_ttl * 1000))
         self._renewer: asyncio.Task[None] | None = None
+
+    def _marker(self, zset: str) -> str:
+        """This instance's marker beside a lease zset (same cluster slot: the hash tag)."""
+        return f"{PREFIX}i:{{{zset}}}:{self._instance}"
 
     def _error(self, exc: BaseException, what: str) -> None:
         """Apply the failure policy: return (admit) when open, raise 503 when closed."""
@@ -208,7 +215,8 @@ class RedisLimiter:
         try:
             self._conn.check()
             got = await self._acquire(
-                keys=[PREFIX + key, self._marker], args=[limit, ttl_ms, lease, self._marker_ms]
+                keys=[PREFIX + key, self._marker(PREFIX + key)],
+                args=[limit, ttl_ms, lease, self._marker_ms],
             )
         except (RedisError, OSError) as exc:
             self._error(exc, "slot_acquire")
@@ -251,7 +259,7 @@ class RedisLimiter:
         ttl_ms = int(self.lease_ttl * 1000)
         try:
             await self._renew(
-                keys=[self._marker, *(h.key for _, h in leases)],
+                keys=[k for _, h in leases for k in (h.key, self._marker(h.key))],
                 args=[ttl_ms, self._marker_ms, *(lease for lease, _ in leases)],
             )
         except (RedisError, OSError) as exc:
