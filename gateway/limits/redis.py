@@ -13,9 +13,10 @@ died come back within `lease_ttl`.
 
 A renewal only extends leases still there (`ZADD XX`): a lease released while the renewal
 was in flight stays released. Beside each lease zset, each instance keeps a marker alive
-(`gw:lim:i:{<zset>}:<instance>`, set by every acquire and renewal for `3 * lease_ttl`; the hash tag
-puts it in the zset's cluster slot); when it is missing, Redis lost its data (a restart), and
-that renewal re-adds the leases this instance holds there, so held slots are counted again.
+(`gw:lim:i:{<zset>}:<instance>`, set by every acquire and renewal for `3 * lease_ttl`; the
+hash tag puts it in the zset's cluster slot); when it is missing, Redis lost its data (a
+restart), and that renewal re-adds the leases this instance holds there, so held slots are
+counted again.
 
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
