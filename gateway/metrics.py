@@ -146,11 +146,11 @@ class Metrics:
         reload still ends under its own label, and the set stays bounded by the configs seen.
         """
         clients = self._clients | {k.client for k in cfg.auth.keys} | {"anonymous"}
-        tokens = {
-            (c, k): self._tokens.get((c, k)) or self.tokens.labels(c, k)
-            for c in (*clients, "jwt")
-            for k in TOKEN_KINDS
-        }
+        tokens = dict(self._tokens)
+        for c in (*clients, "jwt"):
+            for k in TOKEN_KINDS:
+                if (c, k) not in tokens:
+                    tokens[c, k] = self.tokens.labels(c, k)
 
         def commit() -> None:
             self._clients, self._tokens = clients, tokens
