@@ -94,6 +94,9 @@ def create_app(cfg: Config) -> web.Application:
     app[READINESS].add("draining", drain.readiness)
     app[RELOADERS] = Reloaders(cfg)
     app[RELOADERS].add("policy", policy.prepare_reload)
+    app[streams.FOLLOWERS] = streams.Followers(cfg.sse.max_followers)
+    # Client labels of tokens_total: a client added by a reload is counted under its name.
+    app[RELOADERS].add("metrics", metrics.prepare_reload)
     # Limits, usage totals and detached streams' logs: memory, or one Redis shared by every
     # instance. First, so it closes last, after everything that uses it.
     app.cleanup_ctx.append(backends)

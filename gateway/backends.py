@@ -58,7 +58,11 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     limits = cfg.limits
-    conn = RedisConnection(limits.redis_url, block_timeout=limits.lease_ttl)
+    # Each follower holds one blocking connection while it waits; one more for the pub/sub
+    # listener of detached streams' ends.
+    conn = RedisConnection(
+        limits.redis_url, block_timeout=limits.lease_ttl, max_blocking=cfg.sse.max_followers + 1
+    )
     await conn.start()
     app[READINESS].add("redis", conn.readiness)
     limiter = RedisLimiter(

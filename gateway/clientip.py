@@ -32,6 +32,18 @@ def _parse(text: str) -> IPAddress | None:
     return addr
 
 
+def limit_key(ip: str) -> str:
+    """What per-IP limits count: an IPv4 address, or an IPv6 client's /64.
+
+    One IPv6 host is usually given a whole /64 and can pick any of its 2**64 addresses;
+    counted per address, it would have a fresh limit for every request.
+    """
+    addr = _parse(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
 def _trusted(addr: IPAddress, proxies: Iterable[Network]) -> bool:
     return any(addr.version == net.version and addr in net for net in proxies)
 

@@ -120,6 +120,27 @@ def _http_path(v: str) -> str:
     return v
 
 
+# The JWT algorithms PyJWT verifies, by the kind of key each needs ("none" is never one).
+JWT_ALGORITHMS: Mapping[str, str] = {
+    **{f"HS{n}": "secret" for n in (256, 384, 512)},
+    **{f"RS{n}": "rsa" for n in (256, 384, 512)},
+    **{f"PS{n}": "rsa" for n in (256, 384, 512)},
+    **{f"ES{n}": "ec" for n in (256, 384, 512)},
+    "EdDSA": "okp",
+}
+
+
+def _jwt_algorithms(v: list[str]) -> tuple[str, ...]:
+    unknown = [a for a in v if a not in JWT_ALGORITHMS]
+    if unknown:
+        raise ValueError(
+            f"unknown algorithm {unknown[0]!r} (one of " + ", ".join(JWT_ALGORITHMS) + ")"
+        )
+    if not v:
+        raise ValueError("must name at least one algorithm")
+    return tuple(v)
+
+
 def _check(fn: Check, default: Any = dataclasses.MISSING) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: fn(list(default)), metadata={"check": fn})
@@ -158,6 +179,9 @@ class SSEConfig:
     max_log_bytes: int = _check(_at_least(1024), 16 << 20)
     # All ended detached streams kept for resuming, together (oldest dropped first).
     max_retained_bytes: int = _check(_at_least(1024), 256 << 20)
+    # GET /v1/streams/{id} readers open at once on this instance (each holds a socket, and with
+    # Redis a blocking Redis connection); more are refused 503 too_many_followers.
+    max_followers: int = _check(_at_least(1), 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +197,14 @@ class KeyConfig:
 
 @dataclass(frozen=True, slots=True)
 class JWTConfig:
-    algorithms: tuple[str, ...] = _check(_patterns, ["HS256"])
+    algorithms: tuple[str, ...] = _check(_jwt_algorithms, ["HS256"])
     secret: str = ""
     public_key_file: str = ""
     audience: str = ""
     issuer: str = ""
     client_claim: str = "sub"
+    # A token without "exp" would be good forever: refused (401) unless this is false.
+    require_exp: bool = True
     rpm: int = _check(_at_least(0), 60)
     burst: int = _check(_at_least(0), 0)
     tpm: int = _check(_at_least(0), 0)
@@ -437,11 +463,20 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         if hs and not jwt.secret:
             ld.problem("auth.jwt.secret", "is required for HS* algorithms")
         if not hs and not jwt.public_key_file:
-            ld.problem("auth.jwt.public_key_file", "is required for RS*/ES* algorithms")
+            ld.problem("auth.jwt.public_key_file", "is required for RS*/PS*/ES*/EdDSA algorithms")
         if jwt.public_key_file and not Path(jwt.public_key_file).is_file():
             ld.problem("auth.jwt.public_key_file", f"{jwt.public_key_file!r} is not a file")
-        elif jwt.public_key_file and not _is_pem_public_key(Path(jwt.public_key_file)):
-            ld.problem("auth.jwt.public_key_file", "is not a PEM public key")
+        elif jwt.public_key_file:
+            kind = _pem_public_key_kind(Path(jwt.public_key_file))
+            if kind is None:
+                ld.problem("auth.jwt.public_key_file", "is not a PEM public key")
+            else:
+                for alg in jwt.algorithms:
+                    if JWT_ALGORITHMS[alg] not in ("secret", kind):
+                        ld.problem(
+                            "auth.jwt.algorithms",
+                            f"{alg} does not fit the public key file's {kind.upper()} key",
+                        )
         if hs and jwt.secret and len(jwt.secret.encode()) < 32:
             ld.warnings.append("auth.jwt.secret: shorter than 32 bytes (RFC 7518 3.2 asks for 32)")
     for i in range(len(cfg.upstreams)):
@@ -456,14 +491,22 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         )
 
 
-def _is_pem_public_key(path: Path) -> bool:
+def _pem_public_key_kind(path: Path) -> str | None:
+    """"rsa", "ec" or "okp" (Ed25519/Ed448) for a PEM public key file, else None."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        load_pem_public_key(path.read_bytes())
+        key = load_pem_public_key(path.read_bytes())
     except (OSError, ValueError, TypeError):
-        return False
-    return True
+        return None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ec"
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return "okp"
+    return None
 
 
 def parse(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:

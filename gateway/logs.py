@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -47,10 +47,22 @@ class Redactor:
     """
 
     def __init__(self, literals: Iterable[str] = ()) -> None:
-        # Longest first, so a secret that contains another is masked whole.
-        self._literals = tuple(sorted({s for s in literals if len(s) >= 4}, key=len, reverse=True))
+        self._literals: tuple[str, ...] = ()
+        self.learn(literals)
         # Field names come from the code, a few dozen: each is judged by the regex once.
         self._names: dict[str, bool] = {}
+
+    def learn(self, literals: Iterable[str]) -> None:
+        """Mask these literal secrets too, besides those already known (never forgotten: a
+        secret rotated out by a reload may still appear in a line of a stream in flight)."""
+        known = set(self._literals) | {s for s in literals if len(s) >= 4}
+        # Longest first, so a secret that contains another is masked whole.
+        self._literals = tuple(sorted(known, key=len, reverse=True))
+
+    def prepare_reload(self, cfg: Config) -> Callable[[], None]:
+        """For `app[RELOADERS]`: learn the literal secrets of a reloaded config."""
+        secrets = config_secrets(cfg)
+        return lambda: self.learn(secrets)
 
     def _secret_name(self, name: str) -> bool:
         hit = self._names.get(name)
@@ -106,10 +118,11 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
 
 def configure(
     cfg: LoggingConfig, stream: TextIO | None = None, *, secrets: Iterable[str] = ()
-) -> None:
+) -> Redactor:
     """Configure structlog and the standard library's logging once, for the whole process.
 
-    `secrets` are literal values never to be written (see `config_secrets`)."""
+    `secrets` are literal values never to be written (see `config_secrets`); the returned
+    redactor learns more of them on reload (`Redactor.prepare_reload`)."""
     redact = Redactor(secrets)
     level = getattr(logging, cfg.level.upper())
     shared: list[Any] = [
@@ -145,3 +158,4 @@ def configure(
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True  # we write our own access line
+    return redact

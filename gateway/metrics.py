@@ -9,8 +9,9 @@ bound then; nothing here runs per chunk (the relay moves `active_streams` once p
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -109,10 +110,9 @@ class Metrics:
             registry=r,
         )
         self.allow = cfg.metrics.allow
-        self._clients = frozenset(k.client for k in cfg.auth.keys) | {"anonymous"}
-        self._tokens = {
-            (c, k): self.tokens.labels(c, k) for c in (*self._clients, "jwt") for k in TOKEN_KINDS
-        }
+        self._clients: frozenset[str] = frozenset()
+        self._tokens: dict[tuple[str, str], Counter] = {}
+        self.prepare_reload(cfg)()
         self._attempts: dict[tuple[str, str], Counter] = {}
         # requests_total children, bound on first use: routes are the router's few canonical
         # paths and statuses three digits, so this stays small; a labels() call per request
@@ -139,6 +139,24 @@ class Metrics:
         if child is None:
             child = self.breaker_state.labels(upstream)
         child.set(state)
+
+    def prepare_reload(self, cfg: Config) -> Callable[[], None]:
+        """Label the clients of `cfg` (at start, and on SIGHUP: `app[RELOADERS]`).
+
+        Clients are only ever added: a stream that a removed client started before the
+        reload still ends under its own label, and the set stays bounded by the configs seen.
+        """
+        clients = self._clients | {k.client for k in cfg.auth.keys} | {"anonymous"}
+        tokens = dict(self._tokens)
+        for c in (*clients, "jwt"):
+            for k in TOKEN_KINDS:
+                if (c, k) not in tokens:
+                    tokens[c, k] = self.tokens.labels(c, k)
+
+        def commit() -> None:
+            self._clients, self._tokens = clients, tokens
+
+        return commit
 
     def client_label(self, client: str) -> str:
         return client if client in self._clients else "jwt"
@@ -187,9 +205,18 @@ def _peer_allowed(
     return any(ip in net for net in allow)
 
 
+# Headers a reverse proxy adds to what it relays. Behind nginx every peer is 127.0.0.1, so the
+# peer allow-list alone would serve the metrics to the world through the proxy; a scrape is
+# never relayed, so a request carrying one of these is refused whatever its peer.
+_PROXIED = (hdrs.X_FORWARDED_FOR, hdrs.FORWARDED)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
-    """GET [metrics].path: Prometheus text format, for `[metrics].allow` peers only."""
+    """GET [metrics].path: Prometheus text format, for `[metrics].allow` peers only, and
+    never for a request that came through a proxy."""
     metrics = request.app[METRICS]
+    if any(h in request.headers for h in _PROXIED):
+        raise Forbidden("Metrics are not served through a proxy", code="metrics_forbidden")
     if not _peer_allowed(request, metrics.allow):
         raise Forbidden("Metrics are not served to this address", code="metrics_forbidden")
     return web.Response(

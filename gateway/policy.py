@@ -82,6 +82,7 @@ class JWTPolicy:
     issuer: str | None
     client_claim: str
     defaults: Identity  # limits and models of a subject with no [[auth.keys]] entry
+    require: tuple[str, ...] = ()  # claims a token must carry ("exp" unless configured off)
 
 
 def build_jwt(cfg: JWTConfig) -> JWTPolicy:
@@ -103,6 +104,7 @@ def build_jwt(cfg: JWTConfig) -> JWTPolicy:
         audience=cfg.audience or None,
         issuer=cfg.issuer or None,
         client_claim=cfg.client_claim,
+        require=("exp",) if cfg.require_exp else (),
         defaults=Identity(
             client="",
             rpm=cfg.rpm,

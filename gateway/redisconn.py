@@ -3,7 +3,9 @@
 One `RedisConnection` per app (made in the backend's cleanup context). It holds two pools to
 the same server: `cmd` for short commands (tight timeouts, so a lost Redis is noticed in a
 second, not a minute) and `block` for the blocking reads of detached streams (whose socket
-timeout must outlast `XREAD BLOCK`).
+timeout must outlast `XREAD BLOCK`). Each following reader holds a `block` connection while it
+waits, so that pool is bounded (`max_blocking`: the followers cap plus the pub/sub listener);
+a caller finding it full waits for a connection rather than opening Redis clients without end.
 
 Health is tracked, not assumed: a monitor task PINGs every `interval` seconds, and at once
 when a command fails with a connection error (`failed`). Each transition is logged once
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -51,9 +54,10 @@ def redacted(url: str) -> str:
     return str(u.with_password("***")) if u.password else url
 
 
-def _client(url: str, *, socket_timeout: float | None) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
+def _client(
+    url: str, *, socket_timeout: float | None, max_connections: int | None = None
+) -> aioredis.Redis:
+    options: dict[str, Any] = dict(
         socket_connect_timeout=1.0,
         socket_timeout=socket_timeout,
         socket_keepalive=True,
@@ -62,17 +66,34 @@ def _client(url: str, *, socket_timeout: float | None) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=0,
     )
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **options)
+    # Full: wait up to the socket timeout for a connection to come back, then a
+    # ConnectionError (which the callers treat as a failed command, not as Redis down).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=socket_timeout, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisConnection:
     """The pools, the health flag and its monitor for one app."""
 
-    def __init__(self, url: str, *, interval: float = 1.0, block_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        interval: float = 1.0,
+        block_timeout: float = 30.0,
+        max_blocking: int = 1000,
+    ) -> None:
         self.url = url
         self.interval = interval
         self.cmd = _client(url, socket_timeout=2.0)
         # Blocking reads wait up to `block_timeout`; the socket must wait a little longer.
-        self.block = _client(url, socket_timeout=block_timeout + 5.0)
+        self.block = _client(
+            url, socket_timeout=block_timeout + 5.0, max_connections=max_blocking
+        )
         self.up = False
         self._checked = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None

@@ -278,3 +278,53 @@ def _hs256_by_hand(key: bytes) -> str:
     body = b64(b'{"sub":"attacker","exp":%d}' % (int(time.time()) + 300))
     sig = b64(hmac.new(key, head + b"." + body, hashlib.sha256).digest())
     return (head + b"." + body + b"." + sig).decode()
+
+
+async def test_a_jwt_without_exp_is_refused_by_default(
+    jwt_gw: Gateway, http: aiohttp.ClientSession
+) -> None:
+    status, body, resp = await chat(http, jwt_gw, bearer(good(exp=None)))
+    assert status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert body["error"]["message"] == "Invalid token: missing 'exp' claim"
+    assert body["error"]["code"] == "invalid_token"
+    assert (await chat(http, jwt_gw, bearer(good())))[0] == 200
+
+
+async def test_a_jwt_without_exp_is_accepted_when_require_exp_is_false(
+    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(
+        upstream.url,
+        auth={"mode": "jwt"},
+        **{"auth.jwt": {"secret": SECRET, "require_exp": False}},
+    )
+    assert (await chat(http, gw, bearer(token({"exp": None}))))[0] == 200
+    # Still checked when present.
+    assert (await chat(http, gw, bearer(token({"exp": int(time.time()) - 60}))))[0] == 401
+
+
+@pytest.mark.parametrize("alg", ["PS256", "EdDSA"])
+async def test_pss_and_eddsa_jwts_are_checked_against_the_public_key_file(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    alg: str,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def make() -> Any:
+        if alg == "PS256":
+            return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return ed25519.Ed25519PrivateKey.generate()
+
+    private, other = make(), make()
+    pem = _pem(private, tmp_path / "pub.pem")
+    gw = await gateway_factory(
+        upstream.url,
+        auth={"mode": "jwt"},
+        **{"auth.jwt": {"algorithms": [alg], "public_key_file": str(pem)}},
+    )
+    assert (await chat(http, gw, bearer(token(key=private, alg=alg))))[0] == 200
+    assert (await chat(http, gw, bearer(token(key=other, alg=alg))))[0] == 401

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 
 import aiohttp
+import pytest
 
-from gateway.clientip import client_ip
+from gateway.clientip import client_ip, limit_key
 from tests.conftest import GatewayFactory, Upstream
+from tests.redis_server import redis_limits
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -75,3 +77,37 @@ async def test_forwarded_for_from_a_trusted_proxy_separates_clients(
     r2 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.2"})
     r3 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
     assert (r1.status, r2.status, r3.status) == (200, 200, 429)
+
+
+def test_limit_key_is_the_ipv4_address_or_the_ipv6_slash_64() -> None:
+    assert limit_key("198.51.100.7") == "198.51.100.7"
+    assert limit_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert limit_key("unknown") == "unknown"
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_per_ip_limits_count_an_ipv6_client_per_slash_64(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    request: pytest.FixtureRequest,
+    backend: str,
+) -> None:
+    limits: dict[str, object] = {"per_ip_rpm": 1}
+    if backend == "redis":
+        limits.update(redis_limits(request.getfixturevalue("redis_url"), per_ip_rpm=1))
+    gw = await gateway_factory(
+        upstream.url, server={"trusted_proxies": ["127.0.0.1/32"]}, limits=limits
+    )
+
+    async def status(client: str) -> int:
+        headers = {"X-Forwarded-For": client}
+        async with http.get(f"{gw.url}/v1/models", headers=headers) as r:
+            return r.status
+
+    assert await status("2001:db8:1:2::1") == 200
+    # Another address of the same /64: the same host picking a fresh address.
+    assert await status("2001:db8:1:2:dead:beef:0:7") == 429
+    assert await status("2001:db8:1:3::1") == 200  # another /64, another client

@@ -223,3 +223,41 @@ def test_an_environment_value_arrives_verbatim_whatever_it_holds(value: str) -> 
     text = MINIMAL + 'api_key = "${KEY}"\n'
     cfg = config.parse(text, env={"KEY": value})
     assert cfg.upstreams[0].api_key == value  # never re-interpolated, never truncated
+
+
+@pytest.mark.parametrize("alg", ["HS999", "none", "hs256", "RS1", ""])
+def test_an_unknown_jwt_algorithm_is_a_config_error(alg: str) -> None:
+    text = f'[auth]\nmode = "jwt"\n[auth.jwt]\nsecret = "s"\nalgorithms = ["HS256", "{alg}"]\n'
+    found = problems(text + MINIMAL)
+    assert any(p.startswith(f"auth.jwt.algorithms: unknown algorithm {alg!r}") for p in found)
+
+
+def test_every_algorithm_pyjwt_verifies_is_accepted() -> None:
+    algs = ["HS256", "HS384", "HS512"]
+    cfg = config.parse(
+        f'[auth.jwt]\nsecret = "s"\nalgorithms = {json.dumps(algs)}\n' + MINIMAL, env={}
+    )
+    assert cfg.auth.jwt.algorithms == tuple(algs)
+    import jwt
+
+    assert set(config.JWT_ALGORITHMS) <= set(jwt.algorithms.get_default_algorithms())
+
+
+def test_an_algorithm_that_does_not_fit_the_public_key_is_a_config_error(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = tmp_path / "ec.pem"
+    pem.write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    head = f'[auth]\nmode = "jwt"\n[auth.jwt]\npublic_key_file = "{pem}"\n'
+    found = problems(head + 'algorithms = ["ES256", "RS256"]\n' + MINIMAL)
+    assert found == ["auth.jwt.algorithms: RS256 does not fit the public key file's EC key"]
+    assert config.parse(head + 'algorithms = ["ES256"]\n' + MINIMAL, env={})
+
+
+def test_require_exp_defaults_to_true() -> None:
+    assert config.parse(MINIMAL, env={}).auth.jwt.require_exp is True

@@ -127,6 +127,23 @@ async def test_metrics_are_refused_to_peers_not_allowed(
         assert (await resp.json())["error"]["code"] == "metrics_forbidden"
 
 
+async def test_metrics_are_refused_to_a_request_a_proxy_relayed(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # Behind nginx every peer is 127.0.0.1, which is both allowed to scrape and a trusted
+    # proxy: what tells a relayed request apart is the header the proxy adds.
+    gw = await gateway_factory("http://127.0.0.1:9/v1")
+    for header in ("X-Forwarded-For", "Forwarded"):
+        value = "203.0.113.9" if header == "X-Forwarded-For" else "for=203.0.113.9"
+        async with http.get(f"{gw.url}/metrics", headers={header: value}) as resp:
+            assert resp.status == 403, header
+            body = await resp.json()
+        assert body["error"]["code"] == "metrics_forbidden"
+        assert "gateway_requests_total" not in str(body)
+    async with http.get(f"{gw.url}/metrics") as resp:
+        assert resp.status == 200
+
+
 async def test_metrics_path_comes_from_config(
     gateway_factory: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:

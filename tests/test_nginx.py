@@ -150,9 +150,17 @@ async def test_demo_page_and_metrics_stay_local(
             async with remote.get(nginx.url + path) as resp:
                 assert resp.status == 403, path  # refused by nginx itself
                 assert "X-Request-ID" not in resp.headers
-            async with local.get(nginx.url + path) as resp:
-                assert resp.status != 403, path
-                assert "X-Request-ID" in resp.headers  # answered by the gateway
+        async with local.get(nginx.url + "/") as resp:
+            assert resp.status == 200
+            assert "X-Request-ID" in resp.headers  # answered by the gateway
+        # Every request through nginx comes from 127.0.0.1, an allowed scraper's address:
+        # the gateway refuses the metrics to whatever a proxy relayed (scrape its own port).
+        async with local.get(nginx.url + "/metrics") as resp:
+            assert resp.status == 403
+            assert "X-Request-ID" in resp.headers  # refused by the gateway, not nginx
+            assert (await resp.json())["error"]["code"] == "metrics_forbidden"
+        async with local.get(f"{gw.url}/metrics") as resp:
+            assert resp.status == 200
         async with remote.get(f"{nginx.url}/healthz") as resp:
             assert resp.status == 200
 

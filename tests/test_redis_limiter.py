@@ -180,3 +180,22 @@ async def test_while_redis_is_known_down_checks_skip_it_and_log_nothing_per_call
             assert (await lim.hit("rpm:alice", Rate(limit=60))).allowed
             assert await lim.slot_acquire("conc:alice", 1, ttl=60) is not None
     assert logs == []
+
+
+async def test_a_lease_released_while_its_renewal_is_in_flight_stays_released(
+    make_limiter: MakeLimiter,
+) -> None:
+    a, b = await make_limiter(lease_ttl=5.0), await make_limiter(lease_ttl=5.0)
+    lease = await a.slot_acquire("conc:alice", 1, ttl=60)
+    assert lease is not None
+    real = a._renew
+
+    async def renew_after_release(*, keys: list[str], args: list[object]) -> object:
+        # The renewal has taken its list of held leases; the release reaches Redis first.
+        await a.slot_release("conc:alice", lease)
+        return await real(keys=keys, args=args)
+
+    a._renew = renew_after_release  # type: ignore[assignment]
+    await a.renew()
+    # The released slot is free, not held again by a ghost lease for lease_ttl.
+    assert await b.slot_acquire("conc:alice", 1, ttl=60) is not None

@@ -196,3 +196,94 @@ async def test_a_stream_running_through_a_redis_restart_ends_and_its_reader_is_t
         await asyncio.wait_for(up.state.client_disconnected.wait(), 10)
     again = await read_stream(http, b.url, path, last=first.events[-1].id)
     assert again.status == 404
+
+
+async def test_a_finished_generation_is_logged_completed_when_its_end_is_heard_first(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The owner's final append publishes the end; the instance can learn of it (pub/sub,
+    renewal) before the append's reply. Forced here: the reply is held until the renewal
+    has seen the ended log and the loop has turned a few times."""
+    from gateway.streams.log import EVENT_LOG, FINAL_KINDS
+    from gateway.streams.redis import RedisEventLog
+
+    gw = await gateway_factory(upstream.url, limits=redis_limits(redis_url))
+    events = gw.app[EVENT_LOG]
+    assert isinstance(events, RedisEventLog)
+    real = events._append
+
+    async def end_heard_before_the_reply(*, keys: list[str], args: list[Any]) -> Any:
+        n = await real(keys=keys, args=args)
+        if args[0] in FINAL_KINDS:
+            await events.renew()  # sees the log ended, as the pub/sub listener would
+            for _ in range(10):
+                await asyncio.sleep(0)  # the generation's watcher may act on it now
+        return n
+
+    events._append = end_heard_before_the_reply  # type: ignore[assignment]
+    with capture_logs() as seen:
+        path = await start_stream(http, gw.url)
+        got = await read_stream(http, gw.url, path)
+        async with asyncio.timeout(10):
+            while not [e for e in seen if e["event"] == "stream_ended"]:
+                await asyncio.sleep(0.01)  # written by the generation's own task
+    assert got.events[-1].kind == "done"
+    assert got.events[-1].data == {"finish_reason": "stop"}
+    [ended] = [e for e in seen if e["event"] == "stream_ended"]
+    assert ended["stream_outcome"] == "completed"
+
+
+async def test_followers_past_the_cap_are_refused_503_and_hold_no_redis_connection(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    redis_url: str,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    import redis.asyncio as aioredis
+
+    up = await start_upstream(create_mock_app(MockSettings(chunks=400, delay=0.05)))
+    gw = await gateway_factory(up.url, limits=redis_limits(redis_url), sse={"max_followers": 3})
+    path = await start_stream(http, gw.url)
+    admin = aioredis.Redis.from_url(redis_url)
+
+    async def clients() -> int:
+        return int((await admin.info("clients"))["connected_clients"])
+
+    before = await clients()
+    readers: list[aiohttp.ClientResponse] = []
+    refused: list[tuple[int, dict[str, Any], str | None]] = []
+    async with aiohttp.ClientSession() as browsers:
+        for _ in range(10):  # one id, ten readers: what an attacker holding it could open
+            r = await browsers.get(gw.url + path)
+            if r.status == 200:
+                await r.content.readuntil(b"\n\n")  # retry: the reader is following
+                readers.append(r)
+            else:
+                refused.append((r.status, await r.json(), r.headers.get("Retry-After")))
+                r.release()
+        assert len(readers) == 3
+        assert len(refused) == 7
+        for status, body, retry_after in refused:
+            assert status == 503
+            assert body["error"]["code"] == "too_many_followers"
+            assert body["error"]["type"] == "service_unavailable"
+            assert retry_after == "1"
+        # Three followers waiting in XREAD BLOCK: three blocking connections, not ten.
+        assert await clients() - before <= 3 + 2
+        readers.pop().close()  # a reader leaves: its place is free again
+        async with asyncio.timeout(10):
+            while True:
+                async with browsers.get(gw.url + path) as r:
+                    if r.status == 200:
+                        break
+                    assert r.status == 503
+                await asyncio.sleep(0.02)  # the server notices the closed reader on its own
+        for r in readers:
+            r.close()
+    await admin.aclose()
+    async with http.delete(gw.url + path) as r:
+        assert r.status == 204

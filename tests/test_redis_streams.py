@@ -215,3 +215,25 @@ async def test_a_following_reader_waits_out_a_redis_outage(
     assert batch is not None and batch.events == [] and not batch.ended
     redis_server.start()  # restarted empty: the stream is gone
     assert await a.read("s1", 0, timeout=2) is None
+
+
+async def test_a_cancel_heard_while_an_append_is_in_flight_still_ends_it(
+    make_log: MakeLog,
+) -> None:
+    owner, other = await make_log(lease_ttl=30), await make_log(lease_ttl=30)
+    await owner.create("s1")
+    waiter = asyncio.create_task(owner.wait_ended("s1"))
+    real = owner._append
+
+    async def cancelled_before_the_reply(*, keys: list[str], args: list[object]) -> object:
+        n = await real(keys=keys, args=args)
+        assert await other.cancel("s1") is True  # after this append, before its reply
+        await owner.renew()  # heard now; decided when the append answers
+        assert not waiter.done()
+        return n
+
+    owner._append = cancelled_before_the_reply  # type: ignore[assignment]
+    assert await owner.append("s1", "delta", '{"content":"x"}') == 1
+    owner._append = real
+    await asyncio.wait_for(waiter, 2)
+    assert await owner.append("s1", "delta", '{"content":"y"}') is None

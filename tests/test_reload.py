@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from gateway import config
@@ -15,7 +17,14 @@ from gateway.mock_upstream import MockSettings, create_mock_app
 from gateway.process.reload import RELOADERS, Reloaders, reload_file, restart_needed
 from gateway.upstream.pool import UpstreamPool
 
-from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body, config_text
+from .conftest import (
+    TEST_KEY_SHA,
+    UPSTREAM_KEY,
+    GatewayFactory,
+    StartUpstream,
+    chat_body,
+    config_text,
+)
 
 
 def _mock(chunks: int, delay: float = 0.0) -> web.Application:
@@ -46,7 +55,8 @@ async def test_reload_sends_new_requests_upstream_anew_without_dropping_a_runnin
     assert body.count(b"data: {") >= 30
     assert new.state.requests["/v1/chat/completions"] == 1
     assert old.state.requests["/v1/chat/completions"] == 1
-    assert [e for e in logs if e["event"] == "reloaded"][0]["parts"] == ["policy", "upstreams"]
+    parts = [e for e in logs if e["event"] == "reloaded"][0]["parts"]
+    assert parts == ["policy", "metrics", "upstreams"]
     assert gw.app[RELOADERS].current.upstreams[0].base_url == config.parse(
         path.read_text(), env={}
     ).upstreams[0].base_url
@@ -143,3 +153,38 @@ async def test_upstream_reload_keeps_a_kept_upstreams_breaker_and_applies_new_se
         assert new_a.breaker.threshold == 2
         assert new_b.breaker is not b.breaker  # same name, another URL: a new upstream
         assert str(new_b.base) == "http://127.0.0.1:3/v1"
+
+
+async def test_a_client_added_by_a_reload_gets_its_own_tokens_total_label(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    up = await start_upstream(_mock(chunks=3))
+    gw = await gateway_factory(up.url, auth={"mode": "keys"})
+    newbie_key = "gw-newbie-key-0123456789abcdefghijklmnopqrstuv"
+    keys = [
+        {"client": "tester", "sha256": TEST_KEY_SHA},
+        {"client": "newbie", "sha256": hashlib.sha256(newbie_key.encode()).hexdigest()},
+    ]
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(up.url, auth={"mode": "keys"}, keys=keys))
+    assert reload_file(gw.app, str(path))
+    headers = {"Authorization": f"Bearer {newbie_key}"}
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=headers
+    ) as resp:
+        assert resp.status == 200
+        usage = (await resp.json())["usage"]
+    async with http.get(f"{gw.url}/metrics") as resp:
+        text = await resp.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    newbie = (("client", "newbie"), ("kind", "completion"))
+    assert samples[("gateway_tokens_total", newbie)] == usage["completion_tokens"] > 0
+    jwt = (("client", "jwt"), ("kind", "completion"))
+    assert samples.get(("gateway_tokens_total", jwt), 0.0) == 0.0

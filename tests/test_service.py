@@ -312,3 +312,34 @@ async def test_sigterm_during_a_workers_restart_backoff_stops_everything_within_
     started = [e["pid"] for e in gw.events("worker_started")]
     assert all(not _alive(pid) for pid in started)
     assert not gw.events("reloaded")
+
+
+async def test_a_secret_added_by_sighup_is_masked_in_the_logs(
+    spawn: Spawn, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    # Literal secrets of no recognisable shape: only the config can tell the redactor.
+    old_secret, new_secret = "plainOldUpstreamSecret42", "plainNewUpstreamSecret43"
+    up = await start_upstream(_mock(chunks=2))
+    env = {"UPSTREAM_SECRET": old_secret}
+    text = config_text(up.url, upstreams=[{"api_key": "${UPSTREAM_SECRET}"}])
+    gw = await spawn(text, env=env)
+    path = tmp_path / "config.toml"
+    async with aiohttp.ClientSession() as http:
+        # The access line carries the request's path: a place any text can reach the logs.
+        async with http.get(f"{gw.url}/nowhere/{old_secret}") as resp:
+            assert resp.status == 404
+        await gw.wait_log("access", status=404)
+        path.write_text(
+            text.replace("${UPSTREAM_SECRET}", new_secret)  # a literal, added by the reload
+        )
+        gw.send(signal.SIGHUP)
+        await gw.wait_log("reloaded")
+        async with http.get(f"{gw.url}/nowhere/{new_secret}") as resp:
+            assert resp.status == 404
+        await gw.wait_log("access", status=404, count=2)
+    paths = [e["path"] for e in gw.events("access")]
+    assert paths == ["/nowhere/[REDACTED]"] * 2
+    everything = repr(gw.lines)
+    assert old_secret not in everything and new_secret not in everything
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0

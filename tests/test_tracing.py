@@ -193,3 +193,27 @@ async def test_a_stream_cut_by_the_client_is_logged_once_as_client_disconnected(
             await asyncio.sleep(0.01)  # the line is written by the server's own task
     [line] = [e for e in seen if e["event"] == "access"]
     assert line["outcome"] == "client_disconnected"
+
+
+async def test_access_lines_carry_only_a_prefix_of_a_detached_streams_id(
+    gateway: Gateway, http: aiohttp.ClientSession, captured: io.StringIO
+) -> None:
+    async with http.post(f"{gateway.url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 201
+        sid = (await r.json())["id"]
+    async with http.get(f"{gateway.url}/v1/streams/{sid}") as r:
+        assert r.status == 200
+        await r.read()
+    async with http.delete(f"{gateway.url}/v1/streams/{sid}") as r:
+        assert r.status in (204, 404)
+    async with http.put(f"{gateway.url}/v1/streams/{sid}") as r:
+        assert r.status == 405
+    async with http.get(f"{gateway.url}/v1/streams/{sid}x") as r:
+        assert r.status == 404
+    text = captured.getvalue()
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    paths = [e["path"] for e in lines if e["event"] == "access"]
+    assert paths[0] == "/v1/streams"
+    assert paths[1:] == [f"/v1/streams/{sid[:8]}\u2026"] * 4
+    # Nowhere in any line: not in the access lines, not in the generation's own lines.
+    assert sid[:9] not in text

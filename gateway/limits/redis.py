@@ -9,8 +9,14 @@ so both backends answer a given history identically.
 Concurrency slots are leases in a sorted set per key (member: lease id, score: expiry in
 ms). A lease lives `lease_ttl` seconds and is renewed by this process while it is held (one
 pipelined round trip every `lease_ttl / 3` for all leases), so the slots of an instance that
-died come back within `lease_ttl`. Renewing re-adds a lease that is missing, so after a
-Redis restart the held slots are counted again from the next renewal.
+died come back within `lease_ttl`.
+
+A renewal only extends leases still there (`ZADD XX`): a lease released while the renewal
+was in flight stays released. Beside each lease zset, each instance keeps a marker alive
+(`gw:lim:i:{<zset>}:<instance>`, set by every acquire and renewal for `3 * lease_ttl`; the
+hash tag puts it in the zset's cluster slot); when it is missing, Redis lost its data (a
+restart), and that renewal re-adds the leases this instance holds there, so held slots are
+counted again.
 
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
@@ -90,7 +96,9 @@ local function keep(key, ttl)
 end
 """
 
-# KEYS[1] lease zset; ARGV limit, ttl_ms, lease. Expired leases are dropped first.
+# KEYS[1] lease zset, KEYS[2] this instance's marker for it; ARGV limit, ttl_ms, lease,
+# marker_ms.
+# Expired leases are dropped first.
 _ACQUIRE = (
     _NOW_MS
     + """
@@ -99,20 +107,29 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 keep(KEYS[1], ttl)
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[4])
 return 1
 """
 )
 
-# KEYS lease zsets; ARGV ttl_ms, then one lease id per key. Re-adds a missing lease.
+# KEYS pairs (lease zset, this instance's marker for it); ARGV ttl_ms, marker_ms, then one
+# lease id per pair. Extends leases still held in Redis (XX); re-adds a lease only when its
+# zset's marker is gone (Redis lost its data).
 _RENEW = (
     _NOW_MS
     + """
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  keep(key, ttl)
+for i = 1, #KEYS, 2 do
+  local lease = ARGV[2 + (i + 1) / 2]
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('ZADD', KEYS[i], now + ttl, lease)
+  else
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, lease)
+  end
+  keep(KEYS[i], ttl)
+  redis.call('SET', KEYS[i + 1], 1, 'PX', ARGV[2])
 end
-return #KEYS
+return #KEYS / 2
 """
 )
 
@@ -145,7 +162,14 @@ class RedisLimiter:
         self._acquire = r.register_script(_ACQUIRE)
         self._renew = r.register_script(_RENEW)
         self._held: dict[str, _Held] = {}  # lease id -> where it is held
+        # Markers beside the lease zsets: alive while this instance holds leases there.
+        self._instance = secrets.token_hex(8)
+        self._marker_ms = 3 * max(1, int(lease_ttl * 1000))
         self._renewer: asyncio.Task[None] | None = None
+
+    def _marker(self, zset: str) -> str:
+        """This instance's marker beside a lease zset (same cluster slot: the hash tag)."""
+        return f"{PREFIX}i:{{{zset}}}:{self._instance}"
 
     def _error(self, exc: BaseException, what: str) -> None:
         """Apply the failure policy: return (admit) when open, raise 503 when closed."""
@@ -191,7 +215,10 @@ class RedisLimiter:
         ttl_ms = max(1, int(min(ttl, self.lease_ttl) * 1000))
         try:
             self._conn.check()
-            got = await self._acquire(keys=[PREFIX + key], args=[limit, ttl_ms, lease])
+            got = await self._acquire(
+                keys=[PREFIX + key, self._marker(PREFIX + key)],
+                args=[limit, ttl_ms, lease, self._marker_ms],
+            )
         except (RedisError, OSError) as exc:
             self._error(exc, "slot_acquire")
             return lease  # fail open: an unrecorded lease, released as a no-op
@@ -233,7 +260,8 @@ class RedisLimiter:
         ttl_ms = int(self.lease_ttl * 1000)
         try:
             await self._renew(
-                keys=[h.key for _, h in leases], args=[ttl_ms, *(lease for lease, _ in leases)]
+                keys=[k for _, h in leases for k in (h.key, self._marker(h.key))],
+                args=[ttl_ms, self._marker_ms, *(lease for lease, _ in leases)],
             )
         except (RedisError, OSError) as exc:
             if isinstance(exc, CONNECTION_ERRORS):

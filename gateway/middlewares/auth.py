@@ -55,7 +55,6 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidAudienceError, "wrong audience"),
     (jwt.InvalidIssuerError, "wrong issuer"),
     (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.MissingRequiredClaimError, "missing claim"),
 )
 
 
@@ -71,10 +70,12 @@ def _by_jwt(policy: Policy, rules: JWTPolicy, token: str) -> Identity:
             algorithms=[alg],
             audience=rules.audience,
             issuer=rules.issuer,
-            options={"verify_aud": rules.audience is not None},
+            options={"verify_aud": rules.audience is not None, "require": list(rules.require)},
         )
     except jwt.PyJWTError as exc:
         why = next((m for cls, m in _JWT_ERRORS if isinstance(exc, cls)), "malformed token")
+        if isinstance(exc, jwt.MissingRequiredClaimError):
+            why = f"missing {exc.claim!r} claim"
         raise Unauthorized(f"Invalid token: {why}", code="invalid_token") from None
     client = claims.get(rules.client_claim)
     if not isinstance(client, str) or not client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..clientip import client_ip
+from ..clientip import client_ip, limit_key
 from ..errors import RateLimited
 from ..limits import LIMITER
 from ..policy import PolicyHolder
@@ -28,7 +28,7 @@ def make_ip_throttle_middleware(holder: PolicyHolder) -> Middleware:
         )
         request[CLIENT_IP] = ip
         if policy.per_ip is not None:
-            decision = await request.app[LIMITER].hit(f"ip:{ip}", policy.per_ip)
+            decision = await request.app[LIMITER].hit(f"ip:{limit_key(ip)}", policy.per_ip)
             if not decision.allowed:
                 request[EXCHANGE].reason = "ip_rpm"
                 raise RateLimited(

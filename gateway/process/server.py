@@ -23,7 +23,7 @@ from ..config import Config
 from ..state import CONFIG
 from . import notify
 from .drain import DRAIN
-from .reload import reload_file
+from .reload import RELOADERS, reload_file
 
 log = structlog.get_logger("gateway.server")
 
@@ -116,7 +116,9 @@ class EarlyHangup:
         self.pending = True
 
 
-async def _serve(cfg: Config, *, worker: bool, early: EarlyHangup) -> int:
+async def _serve(
+    cfg: Config, *, worker: bool, early: EarlyHangup, redactor: logs.Redactor | None = None
+) -> int:
     """What each signal does in each phase:
 
     | phase    | SIGHUP                            | SIGTERM (SIGINT unless a worker) |
@@ -126,6 +128,8 @@ async def _serve(cfg: Config, *, worker: bool, early: EarlyHangup) -> int:
     | draining | ignored, with a log line          | end the grace now                |
     """
     app = create_app(cfg)
+    if redactor is not None:  # secrets added by a SIGHUP are masked in the logs too
+        app[RELOADERS].add("log_secrets", redactor.prepare_reload)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     phase = "starting"
@@ -179,7 +183,7 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
     With `workers > 1` (and not already a worker) this process supervises the workers.
     """
     early = EarlyHangup()
-    logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
+    redactor = logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()
@@ -192,8 +196,8 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-            return asyncio.run(_serve(cfg, worker=worker, early=early))
-        return uvloop.run(_serve(cfg, worker=worker, early=early))
+            return asyncio.run(_serve(cfg, worker=worker, early=early, redactor=redactor))
+        return uvloop.run(_serve(cfg, worker=worker, early=early, redactor=redactor))
     finally:
         # The loop's handlers are gone with it: a HUP now must not kill a process that is
         # about to exit 0.

@@ -32,7 +32,7 @@ from .. import relay, validation
 from ..errors import BadRequest, Forbidden, NotFound, Unavailable, UpstreamError, error_body
 from ..exchange import Exchange
 from ..state import EXCHANGE, IDENTITY, SLOT
-from ..streams.handlers import serve_log
+from ..streams.handlers import FOLLOWERS, serve_log
 from ..streams.log import EVENT_LOG, Batch
 from ..streams.registry import STREAM_TASKS
 from ..upstream.pool import UPSTREAMS, forward_headers, relay_headers
@@ -210,14 +210,17 @@ def _starting_after(request: web.Request) -> int:
 async def _follow(
     request: web.Request, response_id: str, base: objects.Json, after: int
 ) -> web.StreamResponse:
-    batch: Batch | None = await request.app[EVENT_LOG].read(
-        response_id, after, timeout=0, limit=_READ_LIMIT
-    )
-    if batch is None:
-        raise _unknown()
-    return await serve_log(
-        request, response_id, after, batch, lambda evs: objects.encode(evs, base)
-    )
+    # Each reader holds a blocking read (with Redis, a connection of the bounded pool): the
+    # same per-instance cap as the readers of /v1/streams.
+    with request.app[FOLLOWERS].hold():
+        batch: Batch | None = await request.app[EVENT_LOG].read(
+            response_id, after, timeout=0, limit=_READ_LIMIT
+        )
+        if batch is None:
+            raise _unknown()
+        return await serve_log(
+            request, response_id, after, batch, lambda evs: objects.encode(evs, base)
+        )
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:

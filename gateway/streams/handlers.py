@@ -12,16 +12,17 @@ written a batch at a time (one write for all the events a read returned), rather
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .. import validation
-from ..errors import BadRequest, Forbidden, NotFound
+from ..errors import BadRequest, Forbidden, NotFound, Unavailable
 from ..exchange import Exchange
 from ..sse import encode_event
 from ..state import CONFIG, EXCHANGE, IDENTITY, SLOT
@@ -36,6 +37,37 @@ from .registry import STREAM_TASKS
 _READ_LIMIT = 500
 # What `start_stream` makes (secrets.token_urlsafe(24)); other logs share the EventLog.
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+class Followers:
+    """The GET /v1/streams/{id} readers open on this instance, at most `limit` at once.
+
+    The id is the only credential, so one id could open readers without end: each holds a
+    socket and, with Redis, a blocking Redis connection. Past the cap: 503.
+    """
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.count >= self.limit:
+            raise Unavailable(
+                "Too many readers of detached streams on this instance; retry shortly",
+                code="too_many_followers",
+                headers={"Retry-After": "1"},
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+FOLLOWERS: web.AppKey[Followers] = web.AppKey("followers")
 
 
 def _unknown() -> NotFound:
@@ -109,6 +141,11 @@ def _last_event_id(request: web.Request) -> int:
 
 async def follow_stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/streams/{id}: replay after Last-Event-ID, then follow live."""
+    with request.app[FOLLOWERS].hold():
+        return await _follow(request)
+
+
+async def _follow(request: web.Request) -> web.StreamResponse:
     events = request.app[EVENT_LOG]
     stream_id = request.match_info["id"]
     if not _STREAM_ID.fullmatch(stream_id):

@@ -14,6 +14,12 @@ last" hold across processes. Every end is published on one channel (`gw:s:ended`
 process subscribes, so a DELETE on any instance reaches the owner's `wait_ended` at once;
 the renewal loop doubles as a poll in case a message was missed while reconnecting.
 
+The end of a log this process is appending to is learnt from the append's own reply: the
+owner's final append publishes the end, and the pub/sub message (on another connection) can
+arrive before the reply. An end heard from the channel or the renewal while an append is in
+flight is therefore held until that append has answered (`_appending`): a finished generation
+is never taken for a cancelled one, and a real DELETE still ends it right after.
+
 A reader that waits and finds neither new events nor the owner's lease (the owning process
 died) ends the log itself with a `fail` event, atomically, so every reader sees that same
 event with the same id instead of waiting forever.
@@ -162,6 +168,8 @@ class RedisEventLog:
         self._renew = r.register_script(_RENEW)
         self._owned: set[str] = set()  # streams whose generation runs in this process
         self._ended: dict[str, asyncio.Event] = {}  # streams someone here awaits the end of
+        # Streams with an append in flight here -> whether an end was heard meanwhile.
+        self._appending: dict[str, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -191,6 +199,13 @@ class RedisEventLog:
             self._conn.failed(exc)
         else:
             log.warning("redis_error", op=what, error=str(exc))
+
+    def _heard_end(self, stream_id: str) -> None:
+        """An end learnt from the channel or a renewal, not from an append's reply."""
+        if stream_id in self._appending:
+            self._appending[stream_id] = True  # decided when the append answers
+        else:
+            self._mark_ended(stream_id)
 
     def _mark_ended(self, stream_id: str) -> None:
         self._owned.discard(stream_id)
@@ -226,6 +241,7 @@ class RedisEventLog:
             stream_id,
             OVERFLOW_DATA,
         ]
+        self._appending[stream_id] = False
         try:
             self._conn.check()
             n = int(await self._append(keys=_keys(stream_id), args=args))
@@ -235,8 +251,11 @@ class RedisEventLog:
             log.warning("stream_append_failed", stream=stream_id[:8])
             self._mark_ended(stream_id)
             return None
+        finally:
+            if self._appending.pop(stream_id, False):
+                self._mark_ended(stream_id)  # someone else ended it (a DELETE) meanwhile
         if n == 0 or kind in FINAL_KINDS:
-            self._mark_ended(stream_id)
+            self._mark_ended(stream_id)  # ended by this append
         return n or None
 
     async def read(
@@ -332,7 +351,7 @@ class RedisEventLog:
                 self._error(exc, "wait_ended")  # the renew loop keeps looking
             else:
                 if state[0] != 2:
-                    self._mark_ended(stream_id)
+                    self._heard_end(stream_id)
         await ev.wait()
 
     # ------------------------------------------------------------------ background
@@ -348,7 +367,7 @@ class RedisEventLog:
                     if msg is not None and msg["type"] == "message":
                         sid = msg["data"].decode()
                         if sid in self._ended or sid in self._owned:
-                            self._mark_ended(sid)
+                            self._heard_end(sid)
             except (RedisError, OSError) as exc:
                 self._error(exc, "subscribe")
             finally:
@@ -375,4 +394,4 @@ class RedisEventLog:
             return
         for sid, state in zip(ids, states, strict=True):
             if state != 2:
-                self._mark_ended(sid)
+                self._heard_end(sid)

@@ -8,15 +8,17 @@
 Nothing here does I/O or reads a clock: the caller passes `now` (loop.time()) and logs or
 counts the transitions the methods return. What counts as a failure (connect errors,
 timeouts, 5xx) is the caller's decision; a verdict that is neither (an upstream 429, an
-attempt cancelled by its client) is reported with `abandon()` so a half-open probe slot
-is never lost.
+attempt cancelled by its client) is reported with `abandon(admission)` so a half-open probe
+slot is never lost. `allow` says which admission it gave (`Admission.PROBE` for the half-open
+probe): only the probe's own abandon frees the probe slot, so a request admitted while the
+breaker was closed, ending without a verdict after it opened, cannot let a second probe out.
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["Breaker", "State", "Transition"]
+__all__ = ["Admission", "Breaker", "State", "Transition"]
 
 
 class State(enum.IntEnum):
@@ -28,6 +30,14 @@ class State(enum.IntEnum):
 
 
 Transition = tuple[State, State]  # (old, new)
+
+
+class Admission(enum.IntEnum):
+    """What `allow` gave: falsy when refused."""
+
+    REFUSED = 0
+    ADMITTED = 1  # closed: an ordinary request
+    PROBE = 2  # half-open: the one probe
 
 
 class Breaker:
@@ -43,21 +53,21 @@ class Breaker:
         self.opened_at = 0.0
         self.probing = False  # a half-open probe is in flight
 
-    def allow(self, now: float) -> tuple[bool, Transition | None]:
+    def allow(self, now: float) -> tuple[Admission, Transition | None]:
         """May a request go to this upstream now? Taking the half-open probe is a transition."""
         if self.state is State.CLOSED:
-            return True, None
+            return Admission.ADMITTED, None
         if self.state is State.OPEN:
             if now - self.opened_at < self.cooldown:
-                return False, None
+                return Admission.REFUSED, None
             self.state = State.HALF_OPEN
             self.probing = True
-            return True, (State.OPEN, State.HALF_OPEN)
+            return Admission.PROBE, (State.OPEN, State.HALF_OPEN)
         # Half-open: the one probe is out, or came back without a verdict (abandoned).
         if self.probing:
-            return False, None
+            return Admission.REFUSED, None
         self.probing = True
-        return True, None
+        return Admission.PROBE, None
 
     def would_allow(self, now: float) -> bool:
         """`allow` without taking anything (for "is any upstream available at all?")."""
@@ -88,6 +98,8 @@ class Breaker:
         self.failures = 0
         return old, State.OPEN
 
-    def abandon(self) -> None:
-        """The attempt ended with no verdict on the upstream's health: free the probe slot."""
-        self.probing = False
+    def abandon(self, admission: Admission) -> None:
+        """The attempt `allow` admitted ended with no verdict on the upstream's health: if it
+        was the probe, free the probe slot (any other admission holds nothing)."""
+        if admission is Admission.PROBE:
+            self.probing = False

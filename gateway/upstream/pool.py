@@ -35,7 +35,7 @@ from ..errors import (
     retry_after_value,
 )
 from ..exchange import Exchange
-from .breaker import Breaker, Transition
+from .breaker import Admission, Breaker, Transition
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -201,7 +201,8 @@ class UpstreamPool:
         last_exc: GatewayError | None = None
         last: tuple[Upstream, aiohttp.ClientResponse] | None = None  # a retryable answer
         prev: Upstream | None = None
-        picked: Upstream | None = None  # chosen, breaker slot taken, not yet attempted
+        # Chosen, breaker slot taken, not yet attempted.
+        picked: tuple[Upstream, Admission] | None = None
         cursor = 0
         attempts = self.retry.attempts
         try:
@@ -209,22 +210,24 @@ class UpstreamPool:
                 choice = self._pick(order, cursor, loop.time())
                 if choice is None:
                     break  # every breaker is open now: relay the last answer or error
-                picked, cursor = choice
+                chosen, admitted, cursor = choice
+                picked = (chosen, admitted)
                 if attempt:
                     if self.metrics is not None:
                         self.metrics.retries.inc()
                     # Failing over to another upstream goes at once; the same one waits.
-                    if picked is prev:
-                        await self._sleep_before_retry(picked, attempt, last)
+                    if picked[0] is prev:
+                        await self._sleep_before_retry(picked[0], attempt, last)
                 if last is not None:
                     _discard(last[1])
                     last = None
-                up, picked, prev = picked, None, picked
+                (up, admission), picked = picked, None
+                prev = up
                 ex.attempts = attempt + 1
                 ex.upstream = up.name
                 final = attempt == attempts - 1
                 try:
-                    resp = await self._attempt(up, method, path, body, headers, loop)
+                    resp = await self._attempt(up, admission, method, path, body, headers, loop)
                 except GatewayError as exc:
                     last_exc = exc
                     continue
@@ -234,7 +237,7 @@ class UpstreamPool:
         except BaseException:
             # Cancelled (the client left) between tries: give back what this request held.
             if picked is not None:
-                picked.breaker.abandon()
+                picked[0].breaker.abandon(picked[1])
             if last is not None:
                 _discard(last[1])
             raise
@@ -246,7 +249,7 @@ class UpstreamPool:
 
     def _pick(
         self, order: list[Upstream], cursor: int, now: float
-    ) -> tuple[Upstream, int] | None:
+    ) -> tuple[Upstream, Admission, int] | None:
         """The next candidate from `cursor` on (wrapping) whose breaker lets a request in."""
         n = len(order)
         for step in range(n):
@@ -256,12 +259,13 @@ class UpstreamPool:
             if change is not None:
                 self._changed(up, change)
             if allowed:
-                return up, (i + 1) % n
+                return up, allowed, (i + 1) % n
         return None
 
     async def _attempt(
         self,
         up: Upstream,
+        admission: Admission,
         method: str,
         path: str,
         body: bytes | None,
@@ -272,29 +276,31 @@ class UpstreamPool:
         try:
             resp = await self._send(up, method, path, body, headers)
         except UpstreamTimeout:
-            self._verdict(up, "timeout", loop.time())
+            self._verdict(up, admission, "timeout", loop.time())
             raise
         except GatewayError:
-            self._verdict(up, "connect_error", loop.time())
+            self._verdict(up, admission, "connect_error", loop.time())
             raise
         except BaseException:
-            up.breaker.abandon()  # cancelled (the client left): no verdict on the upstream
+            # Cancelled (the client left): no verdict on the upstream.
+            up.breaker.abandon(admission)
             raise
         if resp.status == 429:
-            self._verdict(up, "throttled", loop.time())
+            self._verdict(up, admission, "throttled", loop.time())
         elif resp.status >= 500:
-            self._verdict(up, "server_error", loop.time())
+            self._verdict(up, admission, "server_error", loop.time())
         else:
-            self._verdict(up, "ok", loop.time())
+            self._verdict(up, admission, "ok", loop.time())
         return resp
 
-    def _verdict(self, up: Upstream, outcome: str, now: float) -> None:
+    def _verdict(self, up: Upstream, admission: Admission, outcome: str, now: float) -> None:
         if self.metrics is not None:
             self.metrics.attempt(up.name, outcome)
         if outcome == "ok":
             change = up.breaker.success()
         elif outcome == "throttled":
-            up.breaker.abandon()  # 429: busy, not broken; retried but never opens a breaker
+            # 429: busy, not broken; retried but never opens a breaker.
+            up.breaker.abandon(admission)
             change = None
         else:
             change = up.breaker.failure(now)
