@@ -12,6 +12,9 @@ pipelined round trip every `lease_ttl / 3` for all leases), so the slots of an i
 died come back within `lease_ttl`. Renewing re-adds a lease that is missing, so after a
 Redis restart the held slots are counted again from the next renewal.
 
+On a Redis Cluster every script touches keys of one hash slot: the checks one key each, the
+renewal one call per slot.
+
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
 """
@@ -231,11 +234,16 @@ class RedisLimiter:
             return
         leases = list(self._held.items())
         ttl_ms = int(self.lease_ttl * 1000)
-        try:
-            await self._renew(
-                keys=[h.key for _, h in leases], args=[ttl_ms, *(lease for lease, _ in leases)]
-            )
-        except (RedisError, OSError) as exc:
+        keys = [h.key for _, h in leases]
+        calls = [
+            self._renew(keys=[keys[i] for i in g], args=[ttl_ms, *(leases[i][0] for i in g)])
+            for g in self._conn.same_slot(keys)
+        ]
+        for exc in await asyncio.gather(*calls, return_exceptions=True):
+            if not isinstance(exc, BaseException):
+                continue
+            if not isinstance(exc, RedisError | OSError):
+                raise exc
             if isinstance(exc, CONNECTION_ERRORS):
                 self._conn.failed(exc)
             else:
