@@ -6,8 +6,9 @@ closes after everything that uses what it installs at `limits.LIMITER`, `usage.U
 
 - "memory": this process's dicts (`limits.memory`, `usage.memory`, `streams.log`);
 - "redis": one Redis shared by every instance (`limits.redis`, `usage.redis`,
-  `streams.redis` over `redisconn`): a server, a Sentinel-watched master or a Cluster. It also registers the `redis` readiness check (/readyz
-  503 while Redis is unreachable, at start too: the gateway starts and waits for it).
+  `streams.redis` over `redisconn`): a server, a Sentinel-watched master or a Cluster.
+  It also registers the `redis` readiness check (/readyz 503 while Redis is unreachable,
+  at start too: the gateway starts and waits for it).
 """
 
 from __future__ import annotations

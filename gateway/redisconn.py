@@ -6,9 +6,9 @@ an optional CA file and client certificate), the master a group of Sentinels nam
 ("sentinel": redis-py's `master_for` asks them again whenever a connection fails, so a
 failover is followed without a restart), or a "cluster" (`RedisCluster`: each command goes to
 the node owning its key's hash slot; the backends' multi-key scripts use `{...}` hash tags).
-It holds two clients to that Redis: `cmd` for short commands (tight timeouts, so a lost Redis is noticed in a
-second, not a minute) and `block` for the blocking reads of detached streams (whose socket
-timeout must outlast `XREAD BLOCK`).
+It holds two clients to that Redis: `cmd` for short commands (tight timeouts, so a lost
+Redis is noticed in a second, not a minute) and `block` for the blocking reads of detached
+streams (whose socket timeout must outlast `XREAD BLOCK`).
 
 Health is tracked, not assumed: a monitor task PINGs every `interval` seconds, and at once
 when a command fails with a connection error (`failed`). Each transition is logged once
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +30,8 @@ import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
 import structlog
 from redis.asyncio.retry import Retry
-from redis.crc import key_slot
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -157,6 +156,10 @@ class RedisConnection:
             target = RedisTarget(target)
         self.target = target
         self.url = target.url
+        # What the log lines name: the URL, or the Sentinel master it stands for.
+        self.where = redacted(target.url)
+        if target.mode == "sentinel":
+            self.where = f"sentinel master {target.sentinel_master!r} ({self.where})"
         self.cluster = target.mode == "cluster"
         self.interval = interval
         self.cmd, sentinels = _client(target, socket_timeout=2.0)
@@ -176,7 +179,7 @@ class RedisConnection:
         if not self.up:
             log.error(
                 "redis_unreachable",
-                url=redacted(self.url),
+                url=self.where,
                 detail="Redis is down at start: /readyz answers 503 until it is reachable",
             )
         self._monitor = asyncio.get_running_loop().create_task(self._run(), name="redis-monitor")
@@ -226,12 +229,12 @@ class RedisConnection:
     def _down(self, exc: BaseException) -> None:
         if self.up:
             self.up = False
-            log.error("redis_unreachable", url=redacted(self.url), error=type(exc).__name__)
+            log.error("redis_unreachable", url=self.where, error=type(exc).__name__)
 
     def _ok(self) -> None:
         if not self.up:
             self.up = True
-            log.info("redis_reachable", url=redacted(self.url))
+            log.info("redis_reachable", url=self.where)
 
     async def _probe(self) -> None:
         try:
