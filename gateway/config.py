@@ -291,6 +291,8 @@ class Config:
     # Not from the file: where it came from and what the loader warned about.
     source: str = field(default="", metadata={"internal": True})
     warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
+    # `gateway serve --port N` (a systemd template's instance name): kept across reloads.
+    port_override: int | None = field(default=None, metadata={"internal": True})
 
 
 # ---------------------------------------------------------------------------- loading
@@ -543,6 +545,15 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return parse(text, source=str(path), env=env)
 
 
+def with_port(cfg: Config, port: int | None) -> Config:
+    """`cfg` listening on `port` instead of `[server].port` (None: unchanged)."""
+    if port is None:
+        return cfg
+    _port(port)
+    server = dataclasses.replace(cfg.server, port=port)
+    return dataclasses.replace(cfg, server=server, port_override=port)
+
+
 def default_path() -> str:
     """`--config` default: $GATEWAY_CONFIG, then ./config.toml."""
     return os.environ.get("GATEWAY_CONFIG") or "config.toml"
@@ -568,4 +579,5 @@ __all__ = [
     "default_path",
     "load",
     "parse",
+    "with_port",
 ]

@@ -55,6 +55,22 @@ def site_config(gateway_port: int, listen_port: int, tls: TLS | None = None) -> 
     return text
 
 
+INSTANCES_SITE = ROOT / "systemd" / "nginx-gateway-instances.conf"
+
+
+def instances_site_config(gateway_ports: list[int], listen_port: int) -> str:
+    """The shipped several-instances site with the test's ports (IPv4 loopback only)."""
+    text = INSTANCES_SITE.read_text()
+    servers = re.findall(r"^    server 127\.0\.0\.1:\d+ (.*);$", text, re.MULTILINE)
+    if not servers:
+        raise AssertionError(f"{INSTANCES_SITE.name}: no server lines")
+    lines = "".join(f"    server 127.0.0.1:{p} {servers[0]};\n" for p in gateway_ports)
+    text = re.sub(r"(^    server 127\.0\.0\.1:\d+ .*;\n)+", lambda _: lines, text, count=1,
+                  flags=re.MULTILINE)  # fmt: skip
+    text = _sub(r"^    listen 80;$", f"    listen 127.0.0.1:{listen_port};", text)
+    return _sub(r"^    listen \[::\]:80;\n", "", text)
+
+
 def main_config(tmp: Path, site: Path) -> str:
     # Workers run as the master's user when it is root (the temp dir is private to us).
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -76,12 +92,17 @@ def main_config(tmp: Path, site: Path) -> str:
 
 
 class Nginx:
-    def __init__(self, tmp: Path, gateway_port: int, port: int, tls: TLS | None = None) -> None:
+    def __init__(
+        self, tmp: Path, gateway_port: int, port: int, tls: TLS | None = None,
+        site_text: str | None = None,
+    ) -> None:
         self.tmp = tmp
         self.port = port
         self.tls = tls
         site = tmp / "gateway-site.conf"
-        site.write_text(site_config(gateway_port, port, tls))
+        if site_text is None:
+            site_text = site_config(gateway_port, port, tls)
+        site.write_text(site_text)
         self.conf = tmp / "nginx.conf"
         self.conf.write_text(main_config(tmp, site))
         self.proc: subprocess.Popen[bytes] | None = None
