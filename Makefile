@@ -134,3 +134,74 @@ uninstall-service:
 	rm -rf $(DESTDIR)$(PREFIX)
 	@if [ -z "$(DESTDIR)" ]; then $(SYSTEMCTL) daemon-reload; $(SYSTEMCTL) reload nginx || true; fi
 	@echo "Kept $(ETC) (your config and secrets); remove it with: rm -r $(ETC)"
+
+# ------------------------------------------------------------ several instances (issue 16)
+# INSTANCES gateways on ports BASE_PORT.. under systemd (systemd/gateway@.service, instance
+# name = port) behind the nginx site listing them (systemd/nginx-gateway-instances.conf), all
+# sharing one Redis ([limits].backend = "redis" in $(ETC)/config.toml).
+#   make install-service INSTANCES=3     (as root; DESTDIR stages the files, as above)
+#   make rolling-restart                  restart them one at a time, each drained first and
+#                                         ready again (/readyz 200) before the next
+INSTANCES ?=
+BASE_PORT ?= 8081
+READY_TIMEOUT ?= 60
+INSTANCE_PORTS = $(shell seq $(BASE_PORT) $$(( $(BASE_PORT) + $(INSTANCES) - 1 )))
+# The running instances, for rolling-restart (or give INSTANCES/BASE_PORT).
+RUNNING_PORTS = $(if $(INSTANCES),$(INSTANCE_PORTS),$(shell $(SYSTEMCTL) list-units --plain \
+	--no-legend --state=active 'gateway@*.service' 2>/dev/null | sed -n 's/^gateway@\([0-9]*\)\.service.*/\1/p'))
+
+.PHONY: install-instances rolling-restart
+
+ifneq ($(INSTANCES),)
+# With INSTANCES, install-service installs the instances instead of the single unit.
+install-service: install-instances
+	@true
+endif
+
+install-instances:
+	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "install-instances: run as root"; exit 1; }
+	@test "$(INSTANCES)" -ge 1 2>/dev/null || { echo "INSTANCES=N (N >= 1) is required"; exit 1; }
+	$(SERVICE_VENV) $(DESTDIR)$(PREFIX)/venv
+	$(SERVICE_PIP)
+	install -d -m 0755 $(DESTDIR)$(ETC)
+	test -e $(DESTDIR)$(ETC)/config.toml || install -m 0644 config.toml $(DESTDIR)$(ETC)/config.toml
+	test -e $(DESTDIR)$(ETC)/gateway.env || install -m 0600 systemd/gateway.env $(DESTDIR)$(ETC)/gateway.env
+	install -D -m 0644 systemd/gateway@.service $(DESTDIR)$(UNIT_DIR)/gateway@.service
+	install -d -m 0755 $(DESTDIR)$(NGINX_DIR)/sites-available $(DESTDIR)$(NGINX_DIR)/sites-enabled
+	@# The site's upstream block: one server line per instance, in place of the template's.
+	awk -v ports="$(INSTANCE_PORTS)" ' \
+	  /^    server 127\.0\.0\.1:[0-9]+ / { if (!done) { n = split(ports, p, " "); \
+	    sub(/^    server 127\.0\.0\.1:[0-9]+ /, ""); \
+	    for (i = 1; i <= n; i++) print "    server 127.0.0.1:" p[i] " " $$0; done = 1 } next } \
+	  { print }' systemd/nginx-gateway-instances.conf > $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
+	chmod 0644 $(DESTDIR)$(NGINX_DIR)/sites-available/gateway
+	ln -sfn ../sites-available/gateway $(DESTDIR)$(NGINX_DIR)/sites-enabled/gateway
+	rm -f $(DESTDIR)$(NGINX_DIR)/sites-enabled/default
+	@if [ -z "$(DESTDIR)" ]; then set -ex; \
+	  $(SGW) check-config --config $(ETC)/config.toml; \
+	  grep -Eq '^\s*backend\s*=\s*"redis"' $(ETC)/config.toml || \
+	    echo 'warning: several instances share limits and streams only with [limits].backend = "redis"'; \
+	  nginx -t; \
+	  $(SYSTEMCTL) daemon-reload; \
+	  $(SYSTEMCTL) disable --now gateway.service 2>/dev/null || true; \
+	  for port in $(INSTANCE_PORTS); do $(SYSTEMCTL) enable --now gateway@$$port; done; \
+	  $(SYSTEMCTL) reload-or-restart nginx; \
+	fi
+
+# One instance at a time: `systemctl restart` sends SIGTERM (the instance drains: /readyz 503,
+# listener closed, streams and detached generations finish within shutdown_grace; nginx
+# passes what reaches it meanwhile to the others), waits for READY=1 of the new process,
+# then /readyz must answer 200 (Redis reachable) before the next instance is touched.
+rolling-restart:
+	@ports="$(RUNNING_PORTS)"; test -n "$$ports" || { echo "rolling-restart: no gateway@ instance"; exit 1; }; \
+	for port in $$ports; do \
+	  echo "restarting gateway@$$port"; \
+	  $(SYSTEMCTL) restart gateway@$$port || exit 1; \
+	  deadline=$$(( $$(date +%s) + $(READY_TIMEOUT) )); \
+	  until curl -fsS -o /dev/null http://127.0.0.1:$$port/readyz; do \
+	    if [ $$(date +%s) -ge $$deadline ]; then \
+	      echo "gateway@$$port not ready after $(READY_TIMEOUT) s: stopping the rolling restart"; exit 1; \
+	    fi; sleep 0.2; \
+	  done; \
+	  echo "gateway@$$port ready"; \
+	done

@@ -1,0 +1,118 @@
+"""`make install-service INSTANCES=N` (staged under DESTDIR) and `make rolling-restart` (with
+a fake systemctl and real HTTP /readyz endpoints), plus `gateway serve --port`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import config_text
+from tests.gateway_process import GatewayProcess
+from tests.test_rolling_restart import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is absent")
+
+
+async def make(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "make", "-s", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_install_service_with_instances_lays_out_the_template_and_the_site(
+    tmp_path: Path,
+) -> None:
+    code, out = await make(
+        "install-service", "INSTANCES=4", "BASE_PORT=9001", f"DESTDIR={tmp_path}",
+        f"SERVICE_VENV={sys.executable} -m venv --without-pip", "SERVICE_PIP=true",
+    )  # fmt: skip
+    assert code == 0, out
+    unit = tmp_path / "etc/systemd/system/gateway@.service"
+    assert unit.read_text() == (ROOT / "systemd/gateway@.service").read_text()
+    assert "serve --config /etc/gateway/config.toml --port %i" in unit.read_text()
+    assert not (tmp_path / "etc/systemd/system/gateway.service").exists()
+    site = (tmp_path / "etc/nginx/sites-available/gateway").read_text()
+    servers = re.findall(r"^    server 127\.0\.0\.1:(\d+) max_fails=0;$", site, re.MULTILINE)
+    assert servers == ["9001", "9002", "9003", "9004"]
+    assert "proxy_next_upstream error http_503 non_idempotent;" in site
+    assert (tmp_path / "etc/nginx/sites-enabled/gateway").resolve() == (
+        tmp_path / "etc/nginx/sites-available/gateway"
+    )
+
+
+async def test_rolling_restart_waits_for_each_instance_to_be_ready_before_the_next(
+    tmp_path: Path,
+) -> None:
+    ports = [free_port() for _ in range(3)]
+    log = tmp_path / "systemctl.log"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $*" >> {log}\n')
+    fake.chmod(0o755)
+    ready_at: dict[int, float] = {}
+
+    def app(port: int) -> web.Application:
+        async def readyz(request: web.Request) -> web.Response:
+            # Not ready for 0.5 s after its restart: the next one must wait for this.
+            restarted = [ln for ln in (log.read_text() if log.exists() else "").splitlines()
+                         if ln.endswith(f"restart gateway@{port}")]  # fmt: skip
+            if not restarted or time.time() - float(restarted[0].split()[0]) < 0.5:
+                return web.Response(status=503)
+            ready_at.setdefault(port, time.time())
+            return web.Response(text="ok")
+
+        a = web.Application()
+        a.router.add_get("/readyz", readyz)
+        return a
+
+    runners = []
+    for port in ports:
+        runner = web.AppRunner(app(port))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    try:
+        code, out = await make(
+            "rolling-restart", f"SYSTEMCTL={fake}", f"RUNNING_PORTS={' '.join(map(str, ports))}"
+        )
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert code == 0, out
+    calls = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
+    assert [c[1] for c in calls] == [f"restart gateway@{p}" for p in ports]
+    for (at, _), prev in zip(calls[1:], ports, strict=False):
+        assert float(at) >= ready_at[prev]  # the next restart only once the previous is ready
+
+
+async def test_rolling_restart_stops_at_an_instance_that_never_gets_ready(tmp_path: Path) -> None:
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "log"}\n')
+    fake.chmod(0o755)
+    ports = f"{free_port()} {free_port()}"  # nothing listens there
+    code, out = await make("rolling-restart", f"SYSTEMCTL={fake}", f"RUNNING_PORTS={ports}",
+                           "READY_TIMEOUT=1")  # fmt: skip
+    assert code != 0 and "not ready after 1 s" in out
+    assert (tmp_path / "log").read_text().splitlines() == [f"restart gateway@{ports.split()[0]}"]
+
+
+async def test_serve_port_overrides_the_config_port(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(config_text("http://127.0.0.1:9/v1", server={"port": 1}))
+    port = free_port()
+    gw = await GatewayProcess.start(config, args=["--port", str(port)])
+    try:
+        assert gw.port == port
+    finally:
+        await gw.close()
