@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -116,3 +117,29 @@ async def test_serve_port_overrides_the_config_port(tmp_path: Path) -> None:
         assert gw.port == port
     finally:
         await gw.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is absent")
+def test_template_unit_passes_systemd_analyze_verify_for_an_instance(tmp_path: Path) -> None:
+    stand_in = tmp_path / "gateway"
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    text = (ROOT / "systemd/gateway@.service").read_text()
+    unit = tmp_path / "gateway@.service"
+    unit.write_text(text.replace("/opt/gateway/venv/bin/gateway", str(stand_in)))
+    instance = tmp_path / "gateway@8081.service"
+    instance.symlink_to(unit)
+    run = subprocess.run(
+        ["systemd-analyze", "verify", str(instance)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == run.stderr == "", run.stdout + run.stderr
+
+
+def test_template_unit_matches_the_single_units_drain_settings() -> None:
+    """The instances drain like the single service: same stop timeout, kill mode, type."""
+    single = (ROOT / "systemd/gateway.service").read_text()
+    template = (ROOT / "systemd/gateway@.service").read_text()
+    for key in ("Type", "KillMode", "TimeoutStopSec", "ExecReload", "NotifyAccess"):
+        line = re.search(rf"^{key}=.*$", single, re.MULTILINE)
+        assert line is not None and line.group(0) in template.splitlines(), key
