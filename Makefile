@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload restart status logs uninstall-service bench bench-quick bench-redis soak
+	install-service reload restart status logs uninstall-service rolling-restart bench bench-quick bench-redis soak
 
 install: $(VENV)/.installed
 
@@ -106,6 +106,13 @@ SERVICE_VENV ?= $(SERVICE_PYTHON) -m venv
 SERVICE_PIP ?= "$$NEW/bin/pip" install -q
 # yes: disable Debian's `default` site (uninstall-service re-enables it).
 DISABLE_DEFAULT_SITE ?= no
+# Several instances on this machine: INSTANCES=N installs systemd/gateway@.service as
+# gateway@BASE_PORT .. gateway@(BASE_PORT+N-1) (the instance name is its port) and a site
+# whose upstream block lists them, instead of the one gateway.service. Empty: one unit.
+INSTANCES ?=
+BASE_PORT ?= 8081
+READY_TIMEOUT ?= 60
+INSTANCE_PORTS = $(if $(INSTANCES),$(shell seq $(BASE_PORT) $$(( $(BASE_PORT) + $(INSTANCES) - 1 ))))
 # What `events` gets instead of Debian's worker_connections 768 (two connections a stream).
 NGINX_WORKER_CONNECTIONS ?= 8192
 ifeq ($(DESTDIR),)
@@ -162,15 +169,23 @@ install-service:
 	  chmod o-rwx $(D)$(ETC); fi; \
 	test -e $(D)$(ETC)/gateway.env || install -m 0600 systemd/gateway.env $(D)$(ETC)/gateway.env; \
 	chmod o-rwx $(D)$(ETC)/gateway.env; \
+	: "The site: as shipped, or with one upstream server line per instance."; \
+	SITE_SRC=$$(mktemp); trap 'rm -f "$$SITE_SRC"' EXIT; \
+	if [ -n "$(INSTANCES)" ]; then \
+	  test "$(INSTANCES)" -ge 1 2>/dev/null || fail "INSTANCES=N needs N >= 1"; \
+	  $(PYTHON) systemd/gatewayctl site --ports "$(INSTANCE_PORTS)" \
+	    < systemd/nginx-gateway.conf > "$$SITE_SRC" || fail "site generation failed"; \
+	  PORTS_CHECK="--ports $$(echo $(INSTANCE_PORTS) | tr ' ' ,)"; \
+	else cp systemd/nginx-gateway.conf "$$SITE_SRC"; PORTS_CHECK=; fi; \
 	$(CTL) check --gateway "$$NEW/bin/gateway" --config $(D)$(ETC)/config.toml \
-	  --env-file $(D)$(ETC)/gateway.env --user '$(CHECK_USER)' \
-	  --site systemd/nginx-gateway.conf --site systemd/nginx-proxy.conf || fail "check failed"; \
+	  --env-file $(D)$(ETC)/gateway.env --user '$(CHECK_USER)' $$PORTS_CHECK \
+	  --site "$$SITE_SRC" --site systemd/nginx-proxy.conf || fail "check failed"; \
 	: "nginx: our site and snippet are replaced (kept aside until nginx -t passes); the"; \
 	: "operator's local.conf (TLS, names, public listeners) is installed once."; \
 	install -d -m 0755 $(NG)/gateway $(NG)/sites-available $(NG)/sites-enabled $(NG)/modules-enabled; \
 	for f in $(SITE_FILES); do if [ -e "$$f" ]; then cp -p "$$f" "$$f.gateway-old"; fi; done; \
 	install -m 0644 systemd/nginx-proxy.conf $(NG)/gateway/proxy.conf; \
-	install -m 0644 systemd/nginx-gateway.conf $(NG)/sites-available/gateway; \
+	install -m 0644 "$$SITE_SRC" $(NG)/sites-available/gateway; \
 	test -e $(NG)/gateway/local.conf || install -m 0644 systemd/nginx-local.conf $(NG)/gateway/local.conf; \
 	install -m 0644 systemd/nginx-limits.conf $(NG)/modules-enabled/90-gateway-limits.conf; \
 	if [ -f $(NG)/nginx.conf ]; then sed -i -E \
@@ -187,11 +202,22 @@ install-service:
 	  mv $(D)$(PREFIX)/venv $(D)$(PREFIX)/releases/legacy-$$$$; fi; \
 	ln -sfn "releases/$${NEW##*/}" $(D)$(PREFIX)/venv.new; \
 	mv -T $(D)$(PREFIX)/venv.new $(D)$(PREFIX)/venv; \
-	install -D -m 0644 systemd/gateway.service $(D)$(UNIT_DIR)/gateway.service; \
-	$(SYSTEMCTL) daemon-reload; \
-	$(SYSTEMCTL) enable gateway; \
-	$(SYSTEMCTL) restart gateway; \
-	$(SYSTEMCTL) reload-or-restart nginx; \
+	if [ -n "$(INSTANCES)" ]; then \
+	  install -D -m 0644 systemd/gateway@.service $(D)$(UNIT_DIR)/gateway@.service; \
+	  $(SYSTEMCTL) daemon-reload; \
+	  if [ -e $(D)$(UNIT_DIR)/gateway.service ]; then \
+	    $(SYSTEMCTL) disable --now gateway.service || true; rm -f $(D)$(UNIT_DIR)/gateway.service; fi; \
+	  for port in $(INSTANCE_PORTS); do $(SYSTEMCTL) enable gateway@$$port; done; \
+	  $(SYSTEMCTL) reload-or-restart nginx; \
+	  $(MAKE) -s rolling-restart RUNNING_PORTS="$(INSTANCE_PORTS)" SYSTEMCTL='$(SYSTEMCTL)' \
+	    READY_CHECK='$(if $(D),true,)' || exit 1; \
+	else \
+	  install -D -m 0644 systemd/gateway.service $(D)$(UNIT_DIR)/gateway.service; \
+	  $(SYSTEMCTL) daemon-reload; \
+	  $(SYSTEMCTL) enable gateway; \
+	  $(SYSTEMCTL) restart gateway; \
+	  $(SYSTEMCTL) reload-or-restart nginx; \
+	fi; \
 	: "Keep the new release and the one before it (to go back by hand)."; \
 	ls -1dt $(D)$(PREFIX)/releases/*/ | tail -n +3 | xargs -r rm -rf; \
 	echo "install-service: $$NEW is live"
@@ -219,8 +245,9 @@ uninstall-service:
 	$(ROOT_ONLY)
 	@set -eu; \
 	$(SYSTEMCTL) disable --now gateway || true; \
-	rm -f $(D)$(UNIT_DIR)/gateway.service; \
-	rm -rf $(D)$(UNIT_DIR)/gateway.service.d; \
+	for port in $(RUNNING_PORTS); do $(SYSTEMCTL) disable --now gateway@$$port || true; done; \
+	rm -f $(D)$(UNIT_DIR)/gateway.service $(D)$(UNIT_DIR)/gateway@.service; \
+	rm -rf $(D)$(UNIT_DIR)/gateway.service.d $(D)$(UNIT_DIR)/gateway@.service.d; \
 	rm -rf $(D)$(PREFIX)/releases; \
 	if [ -L $(D)$(PREFIX)/venv ]; then rm -f $(D)$(PREFIX)/venv; \
 	elif [ -f $(D)$(PREFIX)/venv/pyvenv.cfg ]; then rm -rf $(D)$(PREFIX)/venv; fi; \
@@ -236,7 +263,31 @@ uninstall-service:
 	  ln -sfn "$$(cat $(NG)/gateway/default-site-was-enabled)" $(NG)/sites-enabled/default; \
 	  rm -f $(NG)/gateway/default-site-was-enabled; fi; \
 	$(SYSTEMCTL) daemon-reload; \
-	$(SYSTEMCTL) reset-failed gateway || true; \
+	$(SYSTEMCTL) reset-failed gateway 'gateway@*' || true; \
 	$(SYSTEMCTL) reload nginx || true; \
 	echo "Kept $(ETC) (config, secrets) and $(NGINX_DIR)/gateway/local.conf (yours);"; \
 	echo "remove them with: rm -r $(ETC) $(NGINX_DIR)/gateway; userdel $(SERVICE_USER)"
+
+# ------------------------------------------------------------------ several instances
+# The gateway@ instances one at a time: `systemctl restart` sends SIGTERM (the instance drains:
+# /readyz 503, listener closed, streams and detached generations finish within shutdown_grace;
+# nginx passes what reaches it meanwhile to the others), then /readyz must answer 200 before
+# the next instance is touched; it stops at one that is not ready within READY_TIMEOUT.
+# RUNNING_PORTS: the active gateway@ instances (or INSTANCES/BASE_PORT, or give it).
+RUNNING_PORTS ?= $(if $(INSTANCES),$(INSTANCE_PORTS),$(shell $(SYSTEMCTL) list-units --plain \
+	--no-legend --state=active 'gateway@*.service' 2>/dev/null | sed -n 's/^gateway@\([0-9]*\)\.service.*/\1/p'))
+READY_CHECK ?=
+rolling-restart:
+	@ports="$(RUNNING_PORTS)"; test -n "$$ports" || { echo "rolling-restart: no gateway@ instance"; exit 1; }; \
+	for port in $$ports; do \
+	  echo "restarting gateway@$$port"; \
+	  $(SYSTEMCTL) restart gateway@$$port || exit 1; \
+	  if [ -n "$(READY_CHECK)" ]; then continue; fi; \
+	  deadline=$$(( $$(date +%s) + $(READY_TIMEOUT) )); \
+	  until curl -fsS -o /dev/null http://127.0.0.1:$$port/readyz; do \
+	    if [ $$(date +%s) -ge $$deadline ]; then \
+	      echo "gateway@$$port not ready after $(READY_TIMEOUT) s: stopping the rolling restart"; exit 1; \
+	    fi; sleep 0.2; \
+	  done; \
+	  echo "gateway@$$port ready"; \
+	done

@@ -6,8 +6,9 @@ closes after everything that uses what it installs at `limits.LIMITER`, `usage.U
 
 - "memory": this process's dicts (`limits.memory`, `usage.memory`, `streams.log`);
 - "redis": one Redis shared by every instance (`limits.redis`, `usage.redis`,
-  `streams.redis` over `redisconn`). It also registers the `redis` readiness check (/readyz
-  503 while Redis is unreachable, at start too: the gateway starts and waits for it).
+  `streams.redis` over `redisconn`): a server, a Sentinel-watched master or a Cluster.
+  It also registers the `redis` readiness check (/readyz 503 while Redis is unreachable,
+  at start too: the gateway starts and waits for it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .health import READINESS
 from .limits import LIMITER
 from .limits.memory import MemoryLimiter
 from .limits.redis import RedisLimiter
-from .redisconn import RedisConnection
+from .redisconn import RedisConnection, RedisTarget
 from .state import CONFIG
 from .streams.log import EVENT_LOG, MemoryEventLog
 from .streams.redis import RedisEventLog
@@ -61,7 +62,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Each follower holds one blocking connection while it waits; one more for the pub/sub
     # listener of detached streams' ends.
     conn = RedisConnection(
-        limits.redis_url, block_timeout=limits.lease_ttl, max_blocking=cfg.sse.max_followers + 1
+        RedisTarget.from_config(limits),
+        block_timeout=limits.lease_ttl,
+        max_blocking=cfg.sse.max_followers + 1,
     )
     await conn.start()
     app[READINESS].add("redis", conn.readiness)

@@ -24,6 +24,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.config)
     if cfg is None:
         return 2
+    try:
+        cfg = config.with_port(cfg, args.port)
+    except ValueError as exc:
+        print(f"--port: {exc}", file=sys.stderr)
+        return 2
     from .process.server import serve
 
     return serve(cfg, worker=args.worker)
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the gateway")
     p.add_argument("--config", default=config.default_path(), help="config.toml path")
+    # A systemd template unit (gateway@8081.service) runs one instance per port from one file.
+    p.add_argument(
+        "--port", type=int, default=None, help="listen on this port instead of [server].port"
+    )
     # Set by the supervisor for the processes it starts (`[server].workers > 1`).
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)

@@ -103,6 +103,23 @@ def _redis_url(v: str) -> str:
     return v
 
 
+def _host_ports(v: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in v:
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{item!r} is not host:port")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _file_or_empty(v: str) -> str:
+    if v and not Path(v).is_file():
+        raise ValueError(f"{v!r} is not a file")
+    return v
+
+
 def _sha256(v: str) -> str:
     # Empty disables the entry (the shipped config's demo key before `make run` made one).
     if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
@@ -223,6 +240,14 @@ class AuthConfig:
 class LimitsConfig:
     backend: str = _check(_one_of("memory", "redis"), "memory")
     redis_url: str = _check(_redis_url, "redis://127.0.0.1:6379/0")
+    # "sentinel": redis_url gives the credentials, db and TLS; the master is asked of the
+    # sentinels. "cluster": redis_url names any one node; the others are discovered.
+    redis_mode: str = _check(_one_of("standalone", "sentinel", "cluster"), "standalone")
+    sentinels: tuple[tuple[str, int], ...] = _check(_host_ports, [])
+    sentinel_master: str = "mymaster"
+    tls_ca_file: str = _check(_file_or_empty, "")
+    tls_cert_file: str = _check(_file_or_empty, "")
+    tls_key_file: str = _check(_file_or_empty, "")
     per_ip_rpm: int = _check(_at_least(0), 1200)
     on_redis_error: str = _check(_one_of("open", "closed"), "open")
     # Redis backend: an instance renews its concurrency slots and detached streams' ownership
@@ -292,6 +317,8 @@ class Config:
     # Not from the file: where it came from and what the loader warned about.
     source: str = field(default="", metadata={"internal": True})
     warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
+    # `gateway serve --port N` (a systemd template's instance name): kept across reloads.
+    port_override: int | None = field(default=None, metadata={"internal": True})
 
 
 # ---------------------------------------------------------------------------- loading
@@ -457,6 +484,7 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
             "server.workers",
             'workers > 1 needs limits.backend = "redis" (the memory backend is per process)',
         )
+    _redis_checks(cfg.limits, ld)
     jwt = cfg.auth.jwt
     if "jwt" in cfg.auth.mode:
         hs = any(a.startswith("HS") for a in jwt.algorithms)
@@ -489,6 +517,29 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         ld.warnings.append(
             "auth.jwt.secret: a literal secret in the file; prefer ${VAR} from the environment"
         )
+
+
+def _redis_checks(lim: LimitsConfig, ld: _Loader) -> None:
+    url = URL(lim.redis_url)
+    if lim.redis_mode == "sentinel":
+        if not lim.sentinels:
+            ld.problem("limits.sentinels", 'redis_mode = "sentinel" needs at least one host:port')
+        if not lim.sentinel_master:
+            ld.problem("limits.sentinel_master", "must not be empty in sentinel mode")
+    elif lim.sentinels:
+        ld.problem("limits.sentinels", 'only used with redis_mode = "sentinel"')
+    if lim.redis_mode != "standalone" and url.scheme == "unix":
+        ld.problem("limits.redis_url", f"a unix socket cannot be used in {lim.redis_mode} mode")
+    if lim.redis_mode == "cluster" and url.path not in ("", "/", "/0"):
+        ld.problem("limits.redis_url", "a cluster has only database 0")
+    tls = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+    if url.scheme != "rediss":
+        for name in tls:
+            if getattr(lim, name):
+                ld.problem(f"limits.{name}", "is only used with a rediss:// URL")
+    if bool(lim.tls_cert_file) != bool(lim.tls_key_file):
+        missing = "tls_key_file" if lim.tls_cert_file else "tls_cert_file"
+        ld.problem(f"limits.{missing}", "tls_cert_file and tls_key_file go together")
 
 
 def _pem_public_key_kind(path: Path) -> str | None:
@@ -537,6 +588,15 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return parse(text, source=str(path), env=env)
 
 
+def with_port(cfg: Config, port: int | None) -> Config:
+    """`cfg` listening on `port` instead of `[server].port` (None: unchanged)."""
+    if port is None:
+        return cfg
+    _port(port)
+    server = dataclasses.replace(cfg.server, port=port)
+    return dataclasses.replace(cfg, server=server, port_override=port)
+
+
 def default_path() -> str:
     """`--config` default: $GATEWAY_CONFIG, then ./config.toml."""
     return os.environ.get("GATEWAY_CONFIG") or "config.toml"
@@ -562,4 +622,5 @@ __all__ = [
     "default_path",
     "load",
     "parse",
+    "with_port",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,10 +24,12 @@ from gateway.app import create_app
 from gateway.mock_upstream import MOCK_STATE, MockSettings, MockState, create_mock_app
 from gateway.process.server import start
 
+from .staging import Stage, make_stage
+
 # A real redis-server for the Redis backend's tests (fixtures `redis_server`, `redis_url`),
 # a gateway as a real process to SIGKILL (`serve_process`), and an upstream whose streams
 # the limit tests hold open (`gates`).
-pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates"]
+pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates", "tests.redis_deployments"]
 
 TEST_KEY = "gw-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_KEY_SHA = hashlib.sha256(TEST_KEY.encode()).hexdigest()
@@ -160,3 +163,9 @@ def chat_body(stream: bool = True, **extra: Any) -> dict[str, Any]:
         "stream": stream,
         **extra,
     }
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Stage:
+    """A DESTDIR with Debian's nginx layout and stand-ins for the system's tools."""
+    return make_stage(tmp_path)

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,14 @@ class GatewayProcess:
 
     @classmethod
     async def start(
-        cls, config_path: Path, env: Mapping[str, str] | None = None, *, listening: bool = True
+        cls, config_path: Path, env: Mapping[str, str] | None = None, *, listening: bool = True,
+        args: Sequence[str] = (),
     ) -> GatewayProcess:
         # Never the caller's own NOTIFY_SOCKET (a test run under systemd): only the test's.
         full_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(config_path),
+            sys.executable, "-m", "gateway", "serve", "--config", str(config_path), *args,
             cwd=ROOT, env=full_env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )

@@ -9,13 +9,17 @@ local.conf filled in as an operator would), from a temp dir, as a foreground pro
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "systemd" / "nginx-gateway.conf"
@@ -71,15 +75,35 @@ def site_config(gateway_port: int, listen_port: int, includes: Path) -> str:
     return text.replace(INSTALLED, f"{includes}/")
 
 
-def write_site(tmp: Path, gateway_port: int, listen_port: int, tls: TLS | None) -> Path:
-    """The site, proxy.conf and local.conf as installed, under tmp; returns the site."""
+def write_site(
+    tmp: Path,
+    gateway_port: int,
+    listen_port: int,
+    tls: TLS | None,
+    instance_ports: Sequence[int] = (),
+) -> Path:
+    """The site, proxy.conf and local.conf as installed, under tmp; returns the site. With
+    `instance_ports`, the several-instances site `gatewayctl site --ports` makes."""
     includes = tmp / "gateway"
     includes.mkdir()
     (includes / "proxy.conf").write_text(PROXY.read_text())
     (includes / "local.conf").write_text(local_config(tls).replace(INSTALLED, f"{includes}/"))
     site = tmp / "gateway-site.conf"
-    site.write_text(site_config(gateway_port, listen_port, includes))
+    text = site_config(gateway_port, listen_port, includes)
+    if instance_ports:
+        text = _gatewayctl().instances_site(text, list(instance_ports))
+    site.write_text(text)
     return site
+
+
+def _gatewayctl() -> Any:
+    """systemd/gatewayctl (a script, not a module) loaded as one."""
+    loader = importlib.machinery.SourceFileLoader("gatewayctl", str(ROOT / "systemd/gatewayctl"))
+    spec = importlib.util.spec_from_loader("gatewayctl", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def main_config(tmp: Path, site: Path) -> str:
@@ -103,11 +127,14 @@ def main_config(tmp: Path, site: Path) -> str:
 
 
 class Nginx:
-    def __init__(self, tmp: Path, gateway_port: int, port: int, tls: TLS | None = None) -> None:
+    def __init__(
+        self, tmp: Path, gateway_port: int, port: int, tls: TLS | None = None,
+        instance_ports: Sequence[int] = (),
+    ) -> None:
         self.tmp = tmp
         self.port = port
         self.tls = tls
-        site = write_site(tmp, gateway_port, port, tls)
+        site = write_site(tmp, gateway_port, port, tls, instance_ports)
         self.conf = tmp / "nginx.conf"
         self.conf.write_text(main_config(tmp, site))
         self.proc: subprocess.Popen[bytes] | None = None

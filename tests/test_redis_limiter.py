@@ -199,3 +199,17 @@ async def test_a_lease_released_while_its_renewal_is_in_flight_stays_released(
     await a.renew()
     # The released slot is free, not held again by a ghost lease for lease_ttl.
     assert await b.slot_acquire("conc:alice", 1, ttl=60) is not None
+
+
+@pytest.mark.parametrize(
+    "key", ["conc:alice", "conc:a{b}c", "conc:a{}b", "conc:{x", "conc:x}y{", "ip:::1"]
+)
+def test_a_lease_marker_shares_its_zsets_cluster_slot(key: str) -> None:
+    """Cluster: the lease zset and this instance's marker beside it go in one script call."""
+    from redis.crc import key_slot
+
+    from gateway.limits.redis import PREFIX, hash_tag, slots_key
+
+    zset = slots_key(key)
+    marker = f"{PREFIX}i:{{{hash_tag(zset)}}}:0123456789abcdef"
+    assert key_slot(marker.encode()) == key_slot(zset.encode())

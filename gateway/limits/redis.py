@@ -18,6 +18,9 @@ hash tag puts it in the zset's cluster slot); when it is missing, Redis lost its
 restart), and that renewal re-adds the leases this instance holds there, so held slots are
 counted again.
 
+On a Redis Cluster every script touches keys of one hash slot: the checks one key each, the
+renewal one call per slot.
+
 Redis unreachable: with `on_redis_error = "open"` every check admits (fail open: a limiter
 outage must not become a gateway outage); with "closed" it raises `RedisUnavailable` (503).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -168,8 +172,9 @@ class RedisLimiter:
         self._renewer: asyncio.Task[None] | None = None
 
     def _marker(self, zset: str) -> str:
-        """This instance's marker beside a lease zset (same cluster slot: the hash tag)."""
-        return f"{PREFIX}i:{{{zset}}}:{self._instance}"
+        """This instance's marker beside a lease zset, in the zset's cluster slot: its hash tag
+        is what Redis hashes of the zset's name (the name's own `{tag}` when it has one)."""
+        return f"{PREFIX}i:{{{hash_tag(zset)}}}:{self._instance}"
 
     def _error(self, exc: BaseException, what: str) -> None:
         """Apply the failure policy: return (admit) when open, raise 503 when closed."""
@@ -216,7 +221,7 @@ class RedisLimiter:
         try:
             self._conn.check()
             got = await self._acquire(
-                keys=[PREFIX + key, self._marker(PREFIX + key)],
+                keys=[slots_key(key), self._marker(slots_key(key))],
                 args=[limit, ttl_ms, lease, self._marker_ms],
             )
         except (RedisError, OSError) as exc:
@@ -224,7 +229,7 @@ class RedisLimiter:
             return lease  # fail open: an unrecorded lease, released as a no-op
         if not got:
             return None
-        self._held[lease] = _Held(PREFIX + key, time.monotonic() + ttl)
+        self._held[lease] = _Held(slots_key(key), time.monotonic() + ttl)
         self._ensure_renewer()
         return lease
 
@@ -232,7 +237,7 @@ class RedisLimiter:
         self._held.pop(lease, None)
         try:
             self._conn.check()
-            await self._conn.cmd.zrem(PREFIX + key, lease)
+            await self._conn.cmd.zrem(slots_key(key), lease)
         except (RedisError, OSError) as exc:
             # The lease expires by itself within lease_ttl; nothing to refuse.
             if isinstance(exc, CONNECTION_ERRORS):
@@ -258,12 +263,19 @@ class RedisLimiter:
             return
         leases = list(self._held.items())
         ttl_ms = int(self.lease_ttl * 1000)
-        try:
-            await self._renew(
-                keys=[k for _, h in leases for k in (h.key, self._marker(h.key))],
-                args=[ttl_ms, self._marker_ms, *(lease for lease, _ in leases)],
+        keys = [h.key for _, h in leases]
+        calls = [
+            self._renew(
+                keys=[k for i in g for k in (keys[i], self._marker(keys[i]))],
+                args=[ttl_ms, self._marker_ms, *(leases[i][0] for i in g)],
             )
-        except (RedisError, OSError) as exc:
+            for g in self._conn.same_slot(keys)
+        ]
+        for exc in await asyncio.gather(*calls, return_exceptions=True):
+            if not isinstance(exc, BaseException):
+                continue
+            if not isinstance(exc, RedisError | OSError):
+                raise exc
             if isinstance(exc, CONNECTION_ERRORS):
                 self._conn.failed(exc)
             else:
@@ -282,3 +294,23 @@ class RedisLimiter:
                 for lease, h in held.items():
                     pipe.zrem(h.key, lease)
                 await pipe.execute()
+
+
+def hash_tag(key: str) -> str:
+    """The part of `key` Redis Cluster hashes: the text between the first `{` and the first
+    `}` after it when that is not empty, else the whole key."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def slots_key(key: str) -> str:
+    """The lease zset of a concurrency key. Its name has no brace, so its instance markers
+    (`{name}` as their hash tag) land in its cluster slot; a key with a brace (a client or
+    JWT subject may hold one) is named by its digest instead."""
+    if "{" in key or "}" in key:
+        return f"{PREFIX}h:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    return PREFIX + key

@@ -41,6 +41,8 @@ RELOADERS: web.AppKey[Reloaders] = web.AppKey("reloaders")
 RESTART_ONLY = (
     "server", "sse", "logging", "metrics",
     "limits.backend", "limits.redis_url", "limits.on_redis_error", "limits.lease_ttl",
+    "limits.redis_mode", "limits.sentinels", "limits.sentinel_master", "limits.tls_ca_file",
+    "limits.tls_cert_file", "limits.tls_key_file",
 )
 
 
@@ -99,7 +101,8 @@ def reload(app: web.Application, cfg: Config) -> None:
 def reload_file(app: web.Application, path: str) -> bool:
     """Re-read `path` and reload; a bad file keeps the old config and logs why."""
     try:
-        cfg = config.load(path)
+        # A --port given at start stays: the file's [server].port is not the one in force.
+        cfg = config.with_port(config.load(path), app[RELOADERS].current.port_override)
         reload(app, cfg)
     except config.ConfigError as exc:
         log.error("reload_failed", path=path, problems=exc.problems, kept="previous config")

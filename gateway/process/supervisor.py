@@ -43,6 +43,8 @@ class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.n = cfg.server.workers
         self.argv = [sys.executable, "-m", "gateway", "serve", "--config", cfg.source, "--worker"]
+        if cfg.port_override is not None:
+            self.argv += ["--port", str(cfg.port_override)]
         self.procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> current process
         self.ready: set[int] = set()  # pids that sent READY=1
         self.reload_when_ready: set[int] = set()  # pids that missed a HUP while starting

@@ -1,6 +1,7 @@
 """`EventLog` on Redis Streams: a detached stream can be read and resumed on any instance.
 
-Per stream id, three keys (`gw:s:<id>:` + m, l, o):
+Per stream id, three keys (`gw:s:{<id>}:` + m, l, o; the braces are a hash tag, so on a
+Redis Cluster the three share one hash slot and every script below may touch them together):
 
 - `m`, a hash: `n` the last event id, `bytes` the data held, `end` the final event's id (0
   while running). Its existence is the stream's existence.
@@ -11,7 +12,8 @@ Per stream id, three keys (`gw:s:<id>:` + m, l, o):
 
 Appending, cancelling and ending are Lua scripts, so the bounds and "the final event is
 last" hold across processes. Every end is published on one channel (`gw:s:ended`); each
-process subscribes, so a DELETE on any instance reaches the owner's `wait_ended` at once;
+process subscribes (on a cluster, a classic PUBLISH reaches the subscribers of every node), so
+a DELETE on any instance reaches the owner's `wait_ended` at once;
 the renewal loop doubles as a poll in case a message was missed while reconnecting.
 
 The end of a log this process is appending to is learnt from the append's own reply: the
@@ -131,9 +133,22 @@ return out
 """
 
 
+# KEYS m, l; ARGV first entry id, count. Returns {end or false, entries}: one call (and one
+# slot), where a MULTI would need a transaction across a cluster's pipeline.
+_READ = """
+local fin = redis.call('HGET', KEYS[1], 'end')
+if not fin then return {false, {}} end
+return {fin, redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
+
+
 def _keys(stream_id: str) -> list[str]:
-    base = PREFIX + stream_id + ":"
+    base = PREFIX + "{" + stream_id + "}:"
     return [base + "m", base + "l", base + "o"]
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Event]:
@@ -166,6 +181,7 @@ class RedisEventLog:
         self._append = r.register_script(_APPEND)
         self._end = r.register_script(_END)
         self._renew = r.register_script(_RENEW)
+        self._range = r.register_script(_READ)
         self._owned: set[str] = set()  # streams whose generation runs in this process
         self._ended: dict[str, asyncio.Event] = {}  # streams someone here awaits the end of
         # Streams with an append in flight here -> whether an end was heard meanwhile.
@@ -285,13 +301,12 @@ class RedisEventLog:
     async def _read(self, stream_id: str, after: int, deadline: float, limit: int) -> Batch | None:
         meta, events_key, _owner = keys = _keys(stream_id)
         while True:
-            pipe = self._conn.cmd.pipeline(transaction=True)
-            pipe.hget(meta, "end")
-            pipe.xrange(events_key, f"{after + 1}-0", "+", count=limit)
-            end, entries = await pipe.execute()
+            end, entries = await self._range(
+                keys=[meta, events_key], args=[f"{after + 1}-0", limit]
+            )
             if end is None:
                 return None
-            events = _events(entries)
+            events = _events([(eid, _pairs(fields)) for eid, fields in entries])
             last = events[-1].id if events else after
             ended = int(end) > 0 and last >= int(end)
             left = deadline - time.monotonic()
@@ -385,13 +400,18 @@ class RedisEventLog:
         ids = list(self._owned | self._ended.keys())
         if not ids:
             return
-        keys = [k for sid in ids for k in _keys(sid)]
-        flags = ["1" if sid in self._owned else "0" for sid in ids]
-        try:
-            states = await self._renew(keys=keys, args=[self.lease_ms, self.running_ttl_ms, *flags])
-        except (RedisError, OSError) as exc:
-            self._error(exc, "renew")
-            return
-        for sid, state in zip(ids, states, strict=True):
-            if state != 2:
-                self._heard_end(sid)
+        # One call for all of them; on a cluster one call per hash slot.
+        for group in self._conn.same_slot([_keys(sid)[0] for sid in ids]):
+            some = [ids[i] for i in group]
+            keys = [k for sid in some for k in _keys(sid)]
+            flags = ["1" if sid in self._owned else "0" for sid in some]
+            try:
+                states = await self._renew(
+                    keys=keys, args=[self.lease_ms, self.running_ttl_ms, *flags]
+                )
+            except (RedisError, OSError) as exc:
+                self._error(exc, "renew")
+                return
+            for sid, state in zip(some, states, strict=True):
+                if state != 2:
+                    self._heard_end(sid)
