@@ -20,6 +20,7 @@ from .health import READINESS
 from .limits import LIMITER
 from .limits.memory import MemoryLimiter
 from .limits.redis import RedisLimiter
+from .metrics import METRICS
 from .redisconn import RedisConnection
 from .state import CONFIG
 from .streams.log import EVENT_LOG, MemoryEventLog
@@ -61,6 +62,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     conn = RedisConnection(limits.redis_url, block_timeout=limits.lease_ttl)
     await conn.start()
     app[READINESS].add("redis", conn.readiness)
+    app[METRICS].watch_redis(lambda: conn.up)
     limiter = RedisLimiter(
         conn, fail_open=limits.on_redis_error == "open", lease_ttl=limits.lease_ttl
     )

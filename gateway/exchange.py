@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .usage.tap import Usage
+
+if TYPE_CHECKING:
+    from .otel import RequestTrace
 
 Outcome = Literal["completed", "client_disconnected", "upstream_error", "timeout", "rejected"]
 
@@ -28,6 +31,8 @@ class Exchange:
     usage: Usage | None = None
     delivered: bool = False  # the client had the whole answer even if it left before our end
     reason: str | None = None  # why it was throttled: "ip_rpm", "rpm", "tpm", "concurrency"
+    parent_id: str | None = None  # the incoming traceparent's span id, when continued
+    otel: RequestTrace | None = None  # this request's spans; None while tracing is off
 
     @property
     def traceparent(self) -> str:

@@ -8,6 +8,7 @@ it. Nothing per chunk but the bytes themselves and one clock read for the heartb
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -46,10 +47,15 @@ class Heartbeat:
     at no cost per chunk.
     """
 
-    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_out", "_task", "last")
+    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_on_ping", "_out", "_task", "last")
 
     def __init__(
-        self, out: web.StreamResponse, interval: float, *, guard: WriteGuard | None = None
+        self,
+        out: web.StreamResponse,
+        interval: float,
+        *,
+        guard: WriteGuard | None = None,
+        on_ping: Callable[[float], None] | None = None,  # gets the seconds of silence
     ) -> None:
         self._out = out
         self._interval = interval
@@ -57,6 +63,7 @@ class Heartbeat:
         self.last = self._loop.time()
         self._task: asyncio.Task[None] | None = None
         self._guard = guard
+        self._on_ping = on_ping
         self._handle = self._loop.call_at(self.last + interval, self._fire)
 
     def _fire(self) -> None:
@@ -70,6 +77,8 @@ class Heartbeat:
             # No ping while bytes still wait to be sent: the line is not silent.
             if (self._task is None or self._task.done()) and not (guard and guard.pending):
                 self._task = self._loop.create_task(self._ping())
+                if self._on_ping is not None:
+                    self._on_ping(now - self.last)
             self.last = now
             due = now + self._interval
         self._handle = self._loop.call_at(due, self._fire)
@@ -177,6 +186,8 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) 
             ) from None
         if isinstance(obj, dict):
             ex.usage = Usage.from_obj(obj.get("usage"))
+            if ex.otel is not None:
+                ex.otel.response(obj)
     headers = relay_headers(resp.headers, resp.status)
     return web.Response(
         status=resp.status,
@@ -204,6 +215,7 @@ async def _relay_stream(
         out,
         cfg.sse.heartbeat_interval,
         guard=WriteGuard(request, cfg.sse.write_timeout, asyncio.get_running_loop().time()),
+        on_ping=ex.otel.stalled if ex.otel is not None else None,
     )
     loop = asyncio.get_running_loop()
     read = resp.content.readany
@@ -285,6 +297,8 @@ async def _relay_stream(
         heartbeat.stop()
         active.dec()
         ex.usage = tap.usage
+        if ex.otel is not None:
+            ex.otel.streamed(tap)
         if ex.usage is None and ex.outcome == "client_disconnected" and events:
             # Cut before the upstream's usage chunk: charge the deltas relayed until then,
             # about one token each (the prompt's size is unknown here).

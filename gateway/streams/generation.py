@@ -68,6 +68,8 @@ def _fail(message: str, type_: str, code: str) -> str:
 
 async def run(app: web.Application, job: Job) -> None:
     """Generate into the log until done, failed, cancelled, or the app stops."""
+    # This task's lines lead to the generation's span (its own trace when tracing is on).
+    structlog.contextvars.bind_contextvars(trace_id=job.ex.trace_id, span_id=job.ex.span_id)
     events = app[EVENT_LOG]
     ended = asyncio.ensure_future(events.wait_ended(job.stream_id))
     work = asyncio.ensure_future(_generate(app, events, job))
@@ -125,6 +127,8 @@ async def _finish(app: web.Application, job: Job, outcome: str) -> None:
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
     )
+    if job.ex.otel is not None:
+        job.ex.otel.finish(job.ex, outcome)
 
 
 async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
@@ -173,6 +177,8 @@ async def _pump(app: web.Application, resp: aiohttp.ClientResponse, job: Job, pu
                 if "error" in chunk:
                     await put(FAIL, orjson.dumps({"error": chunk["error"]}).decode())
                     return "upstream_error"
+                if job.ex.otel is not None:
+                    job.ex.otel.response(chunk)
                 usage = Usage.from_obj(chunk.get("usage"))
                 choice = _first_choice(chunk.get("choices"))
                 if choice is not None:
