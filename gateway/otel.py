@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
+from yarl import URL
 
 from .config import TracingConfig
 from .state import CLIENT_IP
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from prometheus_client import Counter
 
     from .exchange import Exchange
-    from .upstream.pool import Upstream
     from .usage.tap import UsageTap
 
 log = structlog.get_logger("gateway.otel")
@@ -300,7 +300,9 @@ class Tracing:
         t = ex.otel
         if t is None:
             return
-        t.server.set_attribute("client.address", request.get(CLIENT_IP) or request.remote or "")
+        if isinstance(t, RequestTrace):
+            address = request.get(CLIENT_IP) or request.remote or ""
+            t.server.set_attribute("client.address", address)
         t.finish(ex)
 
 
@@ -347,15 +349,17 @@ class RequestTrace:
 
     # ---------------------------------------------------------- from the pool
 
-    def attempt(self, up: Upstream, ex: Exchange, method: str, path: str, now: float) -> str:
-        """A CLIENT span for one try at `up`; returns the traceparent to send with it."""
+    def attempt(
+        self, upstream: str, base: URL, ex: Exchange, method: str, path: str, now: float
+    ) -> str:
+        """A CLIENT span for one try at `upstream`; returns the traceparent to send with it."""
         self._end_attempt()
         operation = _OPERATIONS.get(path)
         attrs: dict[str, str | int] = {
             "http.request.method": method,
-            "server.address": up.base.host or "",
-            "server.port": up.base.port or 0,
-            "gen_ai.provider.name": up.name,
+            "server.address": base.host or "",
+            "server.port": base.port or 0,
+            "gen_ai.provider.name": upstream,
             "gateway.attempt": ex.attempts,
         }
         if operation is not None:

@@ -25,8 +25,8 @@ from gateway.process.server import start
 
 # A real redis-server for the Redis backend's tests (fixtures `redis_server`, `redis_url`),
 # a gateway as a real process to SIGKILL (`serve_process`), and an upstream whose streams
-# the limit tests hold open (`gates`).
-pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates"]
+# the limit tests hold open (`gates`), and an OTLP/HTTP trace receiver (`otlp_receiver`).
+pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates", "tests.otlp_receiver"]
 
 TEST_KEY = "gw-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_KEY_SHA = hashlib.sha256(TEST_KEY.encode()).hexdigest()

@@ -32,7 +32,7 @@ from tests.conftest import (
     make_config,
 )
 from tests.gateway_process import ROOT
-from tests.otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (the fixture)
+from tests.otlp_receiver import OTLPReceiver
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

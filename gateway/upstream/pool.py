@@ -227,7 +227,9 @@ class UpstreamPool:
                 ex.upstream = up.name
                 final = attempt == attempts - 1
                 if ex.otel is not None:  # this try's own span names it upstream
-                    headers["traceparent"] = ex.otel.attempt(up, ex, method, path, loop.time())
+                    headers["traceparent"] = ex.otel.attempt(
+                        up.name, up.base, ex, method, path, loop.time()
+                    )
                 try:
                     resp = await self._attempt(up, method, path, body, headers, loop)
                 except GatewayError as exc:
