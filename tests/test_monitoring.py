@@ -129,7 +129,9 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def prometheus(tmp: Path, target: str, http: aiohttp.ClientSession) -> AsyncIterator[Prometheus]:
+async def prometheus(
+    tmp: Path, target: str, http: aiohttp.ClientSession
+) -> AsyncIterator[Prometheus]:
     assert PROMETHEUS is not None
     port = _free_port()
     cfg = tmp / "prometheus.yml"
@@ -139,7 +141,7 @@ async def prometheus(tmp: Path, target: str, http: aiohttp.ClientSession) -> Asy
         "scrape_configs:\n  - job_name: gateway\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    log = open(tmp / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp / "prometheus.log", "wb")  # closed below
     proc = await asyncio.create_subprocess_exec(
         PROMETHEUS,
         f"--config.file={cfg}",
