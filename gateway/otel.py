@@ -32,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -70,6 +70,9 @@ _OPERATIONS = {
 _FAILED_STATUS = frozenset({429, 500, 502, 503, 504})
 _FAILED_OUTCOMES = frozenset({"timeout", "upstream_error", "error"})
 MAX_QUEUE = 2048
+# Values that come from a client (model, path) or an upstream are cut to this many characters:
+# a megabyte model name must not become a megabyte span.
+MAX_VALUE = 256
 EXPORT_TIMEOUT = 5.0  # seconds per export request to the collector
 SHUTDOWN_TIMEOUT = 3.0  # at stop, what the last spans may take to leave
 
@@ -232,6 +235,7 @@ class Tracing:
             resource=Resource.create({"service.name": cfg.service_name}),
             sampler=ParentBased(_RatioOrLinked(cfg.sample_ratio)),
             id_generator=self._ids,
+            span_limits=SpanLimits(max_span_attribute_length=MAX_VALUE),
             shutdown_on_exit=False,
         )
         self.tracer = self.provider.get_tracer("gateway")
@@ -336,7 +340,7 @@ class RequestTrace:
         outlives the request), linked to this request's SERVER span and sampled with it.
         `ex`, the generation's own exchange, takes that trace's ids."""
         span = self.tracer.start_span(
-            f"generation {ex.model}",
+            f"generation {(ex.model or '')[:MAX_VALUE]}",
             context=Context(),
             kind=SpanKind.INTERNAL,
             links=[Link(self.server.get_span_context())],
@@ -366,7 +370,7 @@ class RequestTrace:
             attrs["gen_ai.operation.name"] = operation
         if ex.model:
             attrs["gen_ai.request.model"] = ex.model
-        name = f"{operation} {ex.model}" if operation and ex.model else method
+        name = f"{operation} {ex.model[:MAX_VALUE]}" if operation and ex.model else method
         span = self.attempt_span = self.tracer.start_span(
             name, context=self._ctx, kind=SpanKind.CLIENT, attributes=attrs
         )

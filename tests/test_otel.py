@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway import config, logs
 from gateway.config import LoggingConfig
+from gateway.metrics import METRICS
 from gateway.otel import TRACING, Tracing
 from tests.conftest import (
     Gateway,
@@ -320,8 +321,8 @@ async def test_a_dead_collector_changes_no_status_and_no_latency(
         await _flush(on)  # the exports fail meanwhile, in their own thread
     med_off, med_on = statistics.median(t_off), statistics.median(t_on)
     assert med_on <= med_off * 1.5 + 0.01, (med_off, med_on)
-    dropped = on.app[TRACING]._dropped
-    assert dropped._value.get() > 0  # type: ignore[attr-defined]
+    dropped = on.app[METRICS].registry.get_sample_value("gateway_trace_spans_dropped_total")
+    assert dropped is not None and dropped > 0
     states = [x for x in _lines(captured) if x.get("event", "").startswith("collector_")]
     assert [x["event"] for x in states] == ["collector_unreachable"]
 
@@ -439,3 +440,48 @@ asyncio.run(main())
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+async def test_a_dead_upstream_gives_an_error_type_then_a_breaker_refusal_event(
+    gateway_factory: GatewayFactory,
+    otlp_receiver: OTLPReceiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    gw = await gateway_factory(
+        dead,
+        breaker={"failure_threshold": 1, "cooldown": 600},
+        **{**_traced(otlp_receiver), "retry": {"attempts": 1}},
+    )
+    for status in (502, 503):
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as r:
+            assert r.status == status
+    await _flush(gw)
+    spans = await otlp_receiver.wait_spans(3)
+    servers = sorted(
+        (s for s in spans if s.span.kind == s.span.SPAN_KIND_SERVER),
+        key=lambda s: s.span.start_time_unix_nano,
+    )
+    (client,) = [s for s in spans if s.span.kind == s.span.SPAN_KIND_CLIENT]
+    assert client.parent_id == servers[0].span_id
+    assert client.attrs["error.type"] == "ClientConnectorError"
+    assert servers[0].attrs["error.type"] == "502"
+    assert servers[1].events()["breaker_refused"]["upstream"] == "mock"
+    assert servers[1].attrs["http.response.status_code"] == 503
+
+
+async def test_a_huge_model_name_is_cut_in_spans(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    otlp_receiver: OTLPReceiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(upstream.url, **_traced(otlp_receiver))
+    model = "m" * 20000
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(model=model)) as r:
+        await r.read()
+    await _flush(gw)
+    spans = await otlp_receiver.wait_spans(2)
+    (client,) = [s for s in spans if s.span.kind == s.span.SPAN_KIND_CLIENT]
+    assert client.attrs["gen_ai.request.model"] == "m" * 256
+    assert len(client.name) < 300

@@ -110,6 +110,8 @@ async def run(app: web.Application, job: Job) -> None:
 
 
 async def _finish(app: web.Application, job: Job, outcome: str) -> None:
+    if job.ex.otel is not None:  # first: nothing below may keep the span from ending
+        job.ex.otel.finish(job.ex, outcome)
     if job.slot is not None:
         await job.slot.release()
     usage = job.ex.usage
@@ -127,8 +129,6 @@ async def _finish(app: web.Application, job: Job, outcome: str) -> None:
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
     )
-    if job.ex.otel is not None:
-        job.ex.otel.finish(job.ex, outcome)
 
 
 async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
