@@ -97,8 +97,8 @@ class _PresetIds(IdGenerator):
 
 
 class _RatioOrLinked(Sampler):
-    """Root spans: sampled at `ratio`, or always when linked to a sampled span (a detached
-    generation follows the decision of the request that started it)."""
+    """Root spans: sampled at `ratio`; a root linked to another span (a detached generation,
+    linked to the request that started it) follows that span's decision instead."""
 
     def __init__(self, ratio: float) -> None:
         self._ratio = TraceIdRatioBased(ratio)
@@ -113,8 +113,9 @@ class _RatioOrLinked(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: trace.TraceState | None = None,
     ) -> SamplingResult:
-        if links and any(link.context.trace_flags.sampled for link in links):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        if links:
+            sampled = any(link.context.trace_flags.sampled for link in links)
+            return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP)
         return self._ratio.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )

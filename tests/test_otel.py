@@ -485,3 +485,26 @@ async def test_a_huge_model_name_is_cut_in_spans(
     (client,) = [s for s in spans if s.span.kind == s.span.SPAN_KIND_CLIENT]
     assert client.attrs["gen_ai.request.model"] == "m" * 256
     assert len(client.name) < 300
+
+
+async def test_a_detached_generation_follows_an_unsampled_request(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    otlp_receiver: OTLPReceiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(upstream.url, **_traced(otlp_receiver))
+    headers = {"traceparent": f"00-{TRACE}-{PARENT}-00"}
+    async with http.post(f"{gw.url}/v1/streams", json=chat_body(), headers=headers) as r:
+        url = (await r.json())["url"]
+    async with http.get(f"{gw.url}{url}") as r:
+        assert "done" in await r.text()
+    assert upstream.state.last_headers["traceparent"].endswith("-00")
+    async with http.get(f"{gw.url}/healthz") as r:  # a sampled request, as a marker
+        await r.read()
+    await _flush(gw)
+    await otlp_receiver.wait_spans(1)
+    await _flush(gw)
+    # Only the reader's GET (a trace of its own) and the marker: no POST, no generation.
+    names = sorted(s.name for s in otlp_receiver.spans)
+    assert names == ["GET /healthz", "GET /v1/streams/{id}"]
