@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[test,dev,otel]'
 	touch $@
 
 # Serve config.toml on 127.0.0.1:8080. With no OPENAI_API_KEY, stream from the bundled mock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,9 @@ from .streams import handlers as streams
 from .streams.registry import streams_ctx
 from .upstream.pool import UPSTREAMS, UpstreamPool
 from .usage.accounting import Accounting, usage_handler
+
+if TYPE_CHECKING:
+    from .otel import Tracing
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -60,10 +64,17 @@ def create_app(cfg: Config) -> web.Application:
     # Keys, limits and CORS derived from the config; a reload swaps them: policy.replace(cfg).
     policy = PolicyHolder(cfg)
     drain = Drain()
+    metrics = Metrics(cfg)
+    tracing: Tracing | None = None
+    if cfg.tracing.endpoint:  # else nothing of OpenTelemetry is even imported
+        from . import otel
+
+        tracing = otel.Tracing(cfg.tracing, metrics.trace_spans_dropped)
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         # Outermost first.
-        # tracing: every response gets a request id and an access line, even errors below.
+        # tracing: every response gets a request id and an access line, even errors below
+        #   (and, with [tracing] on, a SERVER span with the same ids).
         # cors: outside errors, so rendered 401/429s carry the headers a browser needs to
         #   read them; answers preflights before anything asks for credentials.
         # errors: renders the error tree as OpenAI JSON for everything below it.
@@ -73,7 +84,7 @@ def create_app(cfg: Config) -> web.Application:
         # auth: who is calling (skips public routes).
         # client throttle: that caller's rpm, tpm and concurrency slot, held around the handler.
         middlewares=[
-            make_tracing_middleware(),
+            make_tracing_middleware(tracing),
             make_cors_middleware(policy),
             make_errors_middleware(),
             make_drain_middleware(drain),
@@ -85,10 +96,16 @@ def create_app(cfg: Config) -> web.Application:
     app[CONFIG] = cfg
     app[POLICY] = policy
     app[READINESS] = ReadinessChecks()
-    app[METRICS] = metrics = Metrics(cfg)
+    app[METRICS] = metrics
     accounting = Accounting()
     # Called when each request has ended (see the tracing middleware).
     finishers: list[Finisher] = [metrics.finished, accounting.finished]
+    if tracing is not None:
+        app[otel.TRACING] = tracing
+        finishers.append(tracing.finished)  # last: the spans get what the others noted
+        # The export thread, first of all the resources so that it stops last: its final
+        # flush comes after every request and detached generation has ended its spans.
+        app.cleanup_ctx.append(otel.tracing_ctx)
     app[FINISHED] = finishers
     app[DRAIN] = drain
     app[READINESS].add("draining", drain.readiness)

@@ -21,6 +21,7 @@ from .health import READINESS
 from .limits import LIMITER
 from .limits.memory import MemoryLimiter
 from .limits.redis import RedisLimiter
+from .metrics import METRICS
 from .redisconn import RedisConnection, RedisTarget
 from .state import CONFIG
 from .streams.log import EVENT_LOG, MemoryEventLog
@@ -68,6 +69,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     )
     await conn.start()
     app[READINESS].add("redis", conn.readiness)
+    app[METRICS].watch_redis(lambda: conn.up)
     limiter = RedisLimiter(
         conn, fail_open=limits.on_redis_error == "open", lease_ttl=limits.lease_ttl
     )

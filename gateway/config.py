@@ -12,6 +12,7 @@ Strings may use `${VAR}` (missing is an error) and `${VAR:-default}`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import json
 import math
@@ -158,9 +159,36 @@ def _jwt_algorithms(v: list[str]) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _otlp_url(v: str) -> str:
+    # "" turns tracing off; otherwise the full OTLP/HTTP traces URL (path included).
+    if v and (URL(v).scheme not in ("http", "https") or not URL(v).host):
+        raise ValueError(f"{v!r} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)")
+    return v
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
+def _header_table(v: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    for name, value in v.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"the value of {name!r} holds a line break")
+    return tuple(v.items())
+
+
+def _ratio(v: float) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("must be from 0.0 to 1.0")
+    return v
+
+
 def _check(fn: Check, default: Any = dataclasses.MISSING) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: fn(list(default)), metadata={"check": fn})
+    if isinstance(default, dict):
+        return field(default_factory=lambda: fn(dict(default)), metadata={"check": fn})
     return field(default=default, metadata={"check": fn})
 
 
@@ -303,6 +331,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces over OTLP/HTTP; off while `endpoint` is empty."""
+
+    endpoint: str = _check(_otlp_url, "")
+    # Extra headers for the collector (its auth): a table of strings.
+    headers: tuple[tuple[str, str], ...] = _check(_header_table, {})
+    service_name: str = "gateway"
+    # Of root traces; a sampled incoming traceparent is always followed.
+    sample_ratio: float = _check(_ratio, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     sse: SSEConfig = field(default_factory=SSEConfig)
@@ -314,6 +354,7 @@ class Config:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     # Not from the file: where it came from and what the loader warned about.
     source: str = field(default="", metadata={"internal": True})
     warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
@@ -426,8 +467,10 @@ def _raw_type(hint: Any, check: Check | None) -> Any:
     """What the TOML value must be before its check converts it."""
     if hint in (str, int, float, bool):
         return hint
-    if check in (_http_url,):
+    if check in (_http_url, _otlp_url):
         return str
+    if check is _header_table:
+        return dict
     return list  # tuples of networks / patterns come in as lists of strings
 
 
@@ -446,6 +489,8 @@ def _coerce(raw: Any, expected: Any) -> Any:
 def _is_instance(raw: Any, expected: Any) -> bool:
     if expected is list:
         return isinstance(raw, list) and all(isinstance(v, str) for v in raw)
+    if expected is dict:
+        return isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values())
     if expected in (int, float) and isinstance(raw, bool):
         return False
     return isinstance(raw, expected)
@@ -458,6 +503,7 @@ def _describe(expected: Any) -> str:
         float: "a number",
         bool: "true or false",
         list: "a list of strings",
+        dict: "a table of strings",
     }.get(expected, str(expected))
 
 
@@ -513,6 +559,12 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
                 f"upstreams[{i}].api_key: a literal key in the file; "
                 "prefer ${VAR} from the environment"
             )
+    if cfg.tracing.endpoint and (missing := otel_missing()):
+        ld.problem(
+            "tracing.endpoint",
+            f"tracing needs the OpenTelemetry SDK ({missing} is not installed): "
+            "pip install 'gateway[otel]'",
+        )
     if "auth.jwt.secret" in ld.literal and jwt.secret:
         ld.warnings.append(
             "auth.jwt.secret: a literal secret in the file; prefer ${VAR} from the environment"
@@ -540,6 +592,16 @@ def _redis_checks(lim: LimitsConfig, ld: _Loader) -> None:
     if bool(lim.tls_cert_file) != bool(lim.tls_key_file):
         missing = "tls_key_file" if lim.tls_cert_file else "tls_cert_file"
         ld.problem(f"limits.{missing}", "tls_cert_file and tls_key_file go together")
+
+
+def otel_missing() -> str | None:
+    """The first module of the `otel` extra that cannot be imported, else None."""
+    for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
 
 
 def _pem_public_key_kind(path: Path) -> str | None:
@@ -618,6 +680,7 @@ __all__ = [
     "RetryConfig",
     "SSEConfig",
     "ServerConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "default_path",
     "load",

@@ -109,6 +109,7 @@ def config_secrets(cfg: Config) -> list[str]:
     out = [u.api_key for u in cfg.upstreams if u.api_key]
     if cfg.auth.jwt.secret:
         out.append(cfg.auth.jwt.secret)
+    out.extend(value for _, value in cfg.tracing.headers if value)  # a collector's auth
     return out
 
 

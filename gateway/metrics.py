@@ -109,6 +109,11 @@ class Metrics:
             "Requests whose client left before the end.",
             registry=r,
         )
+        self.trace_spans_dropped = Counter(
+            "gateway_trace_spans_dropped",
+            "Spans not exported: the queue to the collector was full, or it refused them.",
+            registry=r,
+        )
         self.allow = cfg.metrics.allow
         self._clients: frozenset[str] = frozenset()
         self._tokens: dict[tuple[str, str], Counter] = {}
@@ -127,6 +132,16 @@ class Metrics:
                 self._attempts[name, outcome] = self.upstream_attempts.labels(name, outcome)
             gauge = self._breakers[name] = self.breaker_state.labels(name)
             gauge.set(0)
+
+    def watch_redis(self, up: Callable[[], bool]) -> None:
+        """With the Redis backend: `gateway_redis_up`, 1 while Redis answers (read at scrape
+        time). Absent with the memory backend, so no alert fires for a Redis not in use."""
+        gauge = Gauge(
+            "gateway_redis_up",
+            "1 while the shared Redis answers, 0 while it is unreachable.",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: 1.0 if up() else 0.0)
 
     def attempt(self, upstream: str, outcome: str) -> None:
         child = self._attempts.get((upstream, outcome))

@@ -9,6 +9,8 @@ read for the heartbeat.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -47,10 +49,15 @@ class Heartbeat:
     at no cost per chunk.
     """
 
-    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_out", "_task", "last")
+    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_on_ping", "_out", "_task", "last")
 
     def __init__(
-        self, out: web.StreamResponse, interval: float, *, guard: WriteGuard | None = None
+        self,
+        out: web.StreamResponse,
+        interval: float,
+        *,
+        guard: WriteGuard | None = None,
+        on_ping: Callable[[float], None] | None = None,  # gets the seconds of silence
     ) -> None:
         self._out = out
         self._interval = interval
@@ -58,6 +65,7 @@ class Heartbeat:
         self.last = self._loop.time()
         self._task: asyncio.Task[None] | None = None
         self._guard = guard
+        self._on_ping = on_ping
         self._handle = self._loop.call_at(self.last + interval, self._fire)
 
     def _fire(self) -> None:
@@ -71,6 +79,8 @@ class Heartbeat:
             # No ping while bytes still wait to be sent: the line is not silent.
             if (self._task is None or self._task.done()) and not (guard and guard.pending):
                 self._task = self._loop.create_task(self._ping())
+                if self._on_ping is not None:
+                    self._on_ping(now - self.last)
             self.last = now
             due = now + self._interval
         self._handle = self._loop.call_at(due, self._fire)
@@ -173,14 +183,17 @@ async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) 
         # Every /v1 route answers a JSON object on success: parsed anyway for usage, and
         # whatever else it is (an HTML error page from a proxy in front of the upstream,
         # whatever its Content-Type says) is garbage to an SDK: 502.
-        ex.usage = _usage_of_json_answer(data)
+        obj = _json_answer(data)
+        ex.usage = Usage.from_obj(obj.get("usage"))
+        if ex.otel is not None:
+            ex.otel.response(obj)
         content_type = "application/json"
     headers = relay_headers(resp.headers, resp.status)
     return web.Response(status=resp.status, body=data, headers=headers, content_type=content_type)
 
 
-def _usage_of_json_answer(data: bytes) -> Usage | None:
-    """The usage of a 200 answer to a JSON route; UpstreamError when it is not a JSON object."""
+def _json_answer(data: bytes) -> dict[str, Any]:
+    """A 200 answer to a JSON route, parsed; UpstreamError when it is not a JSON object."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -190,7 +203,7 @@ def _usage_of_json_answer(data: bytes) -> Usage | None:
             "upstream answered 200 with a body that is not a JSON object",
             code="bad_upstream_response",
         )
-    return Usage.from_obj(obj.get("usage"))
+    return obj
 
 
 class _ClientSink:
@@ -230,6 +243,7 @@ async def _relay_stream(
         out,
         cfg.sse.heartbeat_interval,
         guard=WriteGuard(request, cfg.sse.write_timeout, asyncio.get_running_loop().time()),
+        on_ping=ex.otel.stalled if ex.otel is not None else None,
     )
     active = request.app[METRICS].active_streams
     active.inc()
@@ -248,4 +262,6 @@ async def _relay_stream(
         heartbeat.stop()
         active.dec()
         ex.usage = pump.usage  # the upstream's, else what was relayed (see `Pump.usage`)
+        if ex.otel is not None:
+            ex.otel.streamed(pump.tap)
     return out

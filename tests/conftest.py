@@ -28,8 +28,15 @@ from .staging import Stage, make_stage
 
 # A real redis-server for the Redis backend's tests (fixtures `redis_server`, `redis_url`),
 # a gateway as a real process to SIGKILL (`serve_process`), and an upstream whose streams
-# the limit tests hold open (`gates`).
-pytest_plugins = ["tests.redis_server", "tests.killable", "tests.gates", "tests.redis_deployments"]
+# the limit tests hold open (`gates`), the Redis deployments (TLS, Sentinel, Cluster) and an
+# OTLP/HTTP trace receiver (`otlp_receiver`).
+pytest_plugins = [
+    "tests.redis_server",
+    "tests.killable",
+    "tests.gates",
+    "tests.redis_deployments",
+    "tests.otlp_receiver",
+]
 
 TEST_KEY = "gw-test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 TEST_KEY_SHA = hashlib.sha256(TEST_KEY.encode()).hexdigest()
@@ -122,6 +129,8 @@ def _toml(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml(k)} = {_toml(x)}" for k, x in v.items()) + "}"
     return str(v)
 
 

@@ -13,8 +13,9 @@ from gateway.app import create_app
 from gateway.exchange import Exchange
 from gateway.metrics import METRICS, Metrics
 
-from .conftest import Gateway, GatewayFactory, StartUpstream, chat_body, make_config
+from .conftest import Gateway, GatewayFactory, StartUpstream, Upstream, chat_body, make_config
 from .faulty import USAGE, Faulty, Step
+from .redis_server import RedisServer, redis_limits
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -181,3 +182,26 @@ def test_throttled_requests_are_counted_by_reason() -> None:
         if s.name.endswith("_total")
     }
     assert got == {"rpm": 2, "tpm": 1}
+
+
+async def test_redis_up_follows_redis_and_is_absent_without_it(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    memory = await gateway_factory(upstream.url)
+    assert not [k for k in await scrape(http, memory) if k[0] == "gateway_redis_up"]
+    gw = await gateway_factory(upstream.url, limits=redis_limits(redis_url))
+    assert (await scrape(http, gw))[("gateway_redis_up", frozenset())] == 1.0
+    redis_server.stop()
+    try:
+        async with asyncio.timeout(30):  # the monitor probes every second
+            while (await scrape(http, gw))[("gateway_redis_up", frozenset())] != 0.0:
+                await asyncio.sleep(0.1)
+    finally:
+        redis_server.start()
+    async with asyncio.timeout(30):
+        while (await scrape(http, gw))[("gateway_redis_up", frozenset())] != 1.0:
+            await asyncio.sleep(0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -17,6 +18,9 @@ from aiohttp.typedefs import Handler, Middleware
 from ..exchange import Exchange
 from ..state import CLIENT_IP, EXCHANGE, FINISHED
 from .headers import apply_response_headers
+
+if TYPE_CHECKING:
+    from ..otel import Tracing
 
 access_log = structlog.get_logger("gateway.access")
 log = structlog.get_logger("gateway.tracing")
@@ -39,33 +43,41 @@ def loggable_path(path: str) -> str:
     return path
 
 
-def _trace(header: str | None) -> tuple[str, str]:
-    """(trace_id, flags): continued from a valid traceparent, else a new trace."""
+def _trace(header: str | None) -> tuple[str, str | None, str]:
+    """(trace_id, parent span id, flags): continued from a valid traceparent, else a new
+    trace (no parent)."""
     if header:
         m = _TRACEPARENT.fullmatch(header.strip())
         if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
-            return m.group(1), m.group(3)
-    return os.urandom(16).hex(), "01"
+            return m.group(1), m.group(2), m.group(3)
+    return os.urandom(16).hex(), None, "01"
 
 
-def make_tracing_middleware() -> Middleware:
+def make_tracing_middleware(otel: Tracing | None = None) -> Middleware:
+    """`otel`: the span exporter when `[tracing]` is on (its SERVER span takes the ids below)."""
+
     @web.middleware
     async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         rid = request.headers.get("X-Request-ID")
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = os.urandom(16).hex()
-        trace_id, flags = _trace(request.headers.get("traceparent"))
+        trace_id, parent_id, flags = _trace(request.headers.get("traceparent"))
         ex = Exchange(
             request_id=rid,
             trace_id=trace_id,
             span_id=os.urandom(8).hex(),
             trace_flags=flags,
             started=loop.time(),
+            parent_id=parent_id,
         )
+        if otel is not None:
+            otel.request(request, ex)
         request[EXCHANGE] = ex
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace_id)
+        structlog.contextvars.bind_contextvars(
+            request_id=rid, trace_id=trace_id, span_id=ex.span_id
+        )
         try:
             response = await handler(request)
         except (asyncio.CancelledError, ConnectionResetError):

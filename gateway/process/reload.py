@@ -39,7 +39,7 @@ RELOADERS: web.AppKey[Reloaders] = web.AppKey("reloaders")
 # Read once at start-up: the listener, process layout, logging, routes, stream settings and
 # the limits backend's connection.
 RESTART_ONLY = (
-    "server", "sse", "logging", "metrics",
+    "server", "sse", "logging", "metrics", "tracing",
     "limits.backend", "limits.redis_url", "limits.on_redis_error", "limits.lease_ttl",
     "limits.redis_mode", "limits.sentinels", "limits.sentinel_master", "limits.tls_ca_file",
     "limits.tls_cert_file", "limits.tls_key_file",

@@ -77,6 +77,8 @@ def _fail(message: str, type_: str, code: str) -> str:
 
 async def run(app: web.Application, job: Job) -> None:
     """Generate into the log until done, failed, cancelled, or the app stops."""
+    # This task's lines lead to the generation's span (its own trace when tracing is on).
+    structlog.contextvars.bind_contextvars(trace_id=job.ex.trace_id, span_id=job.ex.span_id)
     events = app[EVENT_LOG]
     ended = asyncio.ensure_future(events.wait_ended(job.stream_id))
     work = asyncio.ensure_future(_generate(app, events, job))
@@ -117,6 +119,8 @@ async def run(app: web.Application, job: Job) -> None:
 
 
 async def _finish(app: web.Application, job: Job, outcome: str) -> None:
+    if job.ex.otel is not None:  # first: nothing below may keep the span from ending
+        job.ex.otel.finish(job.ex, outcome)
     if job.slot is not None:
         await job.slot.release()
     usage = job.ex.usage
@@ -157,7 +161,8 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
             await put(FAIL, await _error_of(resp))
             return "upstream_error"
         pump = Pump(app[CONFIG].sse.max_event_bytes, strip=False, require_done=True)
-        sink = _LogSink(put)
+        otel = job.ex.otel
+        sink = _LogSink(put, otel.response if otel is not None else None)
         try:
             outcome = await pump.run(resp, sink)
         except _Completed:
@@ -179,10 +184,11 @@ Put = Callable[[str, str], Awaitable[None]]
 class _LogSink:
     """The generation's `streaming.Sink`: each upstream chunk becomes log events."""
 
-    __slots__ = ("_finish", "_put", "ended")
+    __slots__ = ("_finish", "_put", "_seen", "ended")
 
-    def __init__(self, put: Put) -> None:
+    def __init__(self, put: Put, seen: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._put = put
+        self._seen = seen  # each chunk parsed (the generation's span notes its id, model)
         self._finish: str | None = None  # the last finish_reason of choice 0
         self.ended = False  # the final event (done or fail) is in the log
 
@@ -203,6 +209,8 @@ class _LogSink:
             if "error" in chunk:
                 error = orjson.dumps({"error": chunk["error"]})
                 raise SinkFailed(Failure("upstream_error", error))
+            if self._seen is not None:
+                self._seen(chunk)
             usage = Usage.from_obj(chunk.get("usage"))
             choice = _first_choice(chunk.get("choices"))
             if choice is not None:

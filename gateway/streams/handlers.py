@@ -115,6 +115,8 @@ async def start_stream(request: web.Request) -> web.Response:
         headers=forward_headers(request.headers),
         slot=slot,
     )
+    if ex.otel is not None:  # the generation's own span, linked to this request's
+        ex.otel.detached(job.ex)
     request.app[STREAM_TASKS].start(
         generation.run(request.app, job), name=f"stream:{stream_id[:8]}"
     )

@@ -193,6 +193,8 @@ class UpstreamPool:
             raise NotFound(f"The model `{ex.model}` does not exist", code="model_not_found")
         loop = asyncio.get_running_loop()
         if not any(u.breaker.would_allow(loop.time()) for u in order):
+            if ex.otel is not None:
+                ex.otel.breaker_refused(",".join(u.name for u in order))
             raise self._unavailable(order, loop.time())
         headers["traceparent"] = ex.traceparent
         headers["X-Request-ID"] = ex.request_id
@@ -207,7 +209,7 @@ class UpstreamPool:
         attempts = self.retry.attempts
         try:
             for attempt in range(attempts):
-                choice = self._pick(order, cursor, loop.time())
+                choice = self._pick(order, cursor, loop.time(), ex)
                 if choice is None:
                     break  # every breaker is open now: relay the last answer or error
                 chosen, admitted, cursor = choice
@@ -215,6 +217,8 @@ class UpstreamPool:
                 if attempt:
                     if self.metrics is not None:
                         self.metrics.retries.inc()
+                    if ex.otel is not None:
+                        ex.otel.retry(attempt, picked[0].name)
                     # Failing over to another upstream goes at once; the same one waits.
                     if picked[0] is prev:
                         await self._sleep_before_retry(picked[0], attempt, last)
@@ -226,11 +230,19 @@ class UpstreamPool:
                 ex.attempts = attempt + 1
                 ex.upstream = up.name
                 final = attempt == attempts - 1
+                if ex.otel is not None:  # this try's own span names it upstream
+                    headers["traceparent"] = ex.otel.attempt(
+                        up.name, up.base, ex, method, path, loop.time()
+                    )
                 try:
                     resp = await self._attempt(up, admission, method, path, body, headers, loop)
                 except GatewayError as exc:
+                    if ex.otel is not None:
+                        ex.otel.failed(exc)
                     last_exc = exc
                     continue
+                if ex.otel is not None:
+                    ex.otel.answered(resp.status)
                 if resp.status not in RETRYABLE_STATUS or final:
                     return up, resp
                 last = (up, resp)
@@ -248,7 +260,7 @@ class UpstreamPool:
         raise last_exc
 
     def _pick(
-        self, order: list[Upstream], cursor: int, now: float
+        self, order: list[Upstream], cursor: int, now: float, ex: Exchange | None = None
     ) -> tuple[Upstream, Admission, int] | None:
         """The next candidate from `cursor` on (wrapping) whose breaker lets a request in."""
         n = len(order)
@@ -260,6 +272,8 @@ class UpstreamPool:
                 self._changed(up, change)
             if allowed:
                 return up, allowed, (i + 1) % n
+            if ex is not None and ex.otel is not None:
+                ex.otel.breaker_refused(up.name)
         return None
 
     async def _attempt(

@@ -129,13 +129,16 @@ class UsageTap:
     only on Chat/Completions streams.
     """
 
-    __slots__ = ("done", "finish_reason", "strip", "usage")
+    __slots__ = ("done", "finish_reason", "model", "response_id", "strip", "usage")
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.usage: Usage | None = None  # the last non-null usage seen
         self.done = False  # `data: [DONE]` seen
         self.finish_reason: str | None = None  # last one set on choice 0
+        # The response's id and model, as the events parsed for the above carry them.
+        self.response_id: str | None = None
+        self.model: str | None = None
 
     def process(self, block: bytes) -> bytes:
         """Take a block of whole events (from `EventSplitter.feed`); return what to forward.
@@ -190,6 +193,9 @@ class UsageTap:
         response = obj.get("response")
         if isinstance(response, dict):  # Responses API: `response.completed` and kin
             self._note_usage(response.get("usage"))
+            self._note_response(response)
+        else:
+            self._note_response(obj)
         if "usage" not in obj:
             return raw
         self._note_usage(obj["usage"])
@@ -205,6 +211,13 @@ class UsageTap:
         usage = Usage.from_obj(obj)
         if usage is not None:
             self.usage = usage
+
+    def _note_response(self, obj: dict[str, Any]) -> None:
+        rid, model = obj.get("id"), obj.get("model")
+        if isinstance(rid, str):
+            self.response_id = rid
+        if isinstance(model, str):
+            self.model = model
 
     def _note_finish(self, choices: list[Any]) -> None:
         for choice in choices:

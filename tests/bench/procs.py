@@ -106,32 +106,28 @@ class Proxy:
         stop(self.proc)
 
 
-def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = tmp / "upstream.port"
+def start_upstream(
+    tmp: Path, module: str = "tests.bench.upstream"
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The bench upstream (or another helper server `module` taking --port/--port-file)."""
+    port_file = tmp / f"{module.rsplit('.', 1)[-1]}.port"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.upstream",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-        ],
+        [sys.executable, "-m", module, "--port", "0", "--port-file", str(port_file)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 15
-    while not port_file.exists():
+    while not port_file.exists() or not port_file.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
-            raise RuntimeError("the bench upstream did not start")
+            raise RuntimeError(f"{module} did not start")
         time.sleep(0.05)
     return proc, int(port_file.read_text())
 
 
-def gateway_config(upstream_port: int, port: int) -> str:
-    """The real configuration: auth on (one key), limits on but high, JSON access log, metrics."""
+def gateway_config(upstream_port: int, port: int, traces: str = "") -> str:
+    """The real configuration: auth on (one key), limits on but high, JSON access log, metrics;
+    with `traces` (an OTLP/HTTP URL), every request traced (sample ratio 1) and exported."""
     sha = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
     return f"""\
 [server]
@@ -168,16 +164,26 @@ format = "json"
 [metrics]
 path = "/metrics"
 allow = ["127.0.0.1/32"]
+
+[tracing]
+endpoint = "{traces}"
+sample_ratio = 1.0
 """
 
 
 def start_gateway(
-    tmp: Path, upstream_port: int, tag: str, *, profile: list[str] | None = None
+    tmp: Path,
+    upstream_port: int,
+    tag: str,
+    *,
+    profile: list[str] | None = None,
+    traces: str = "",
+    name: str = "gateway",
 ) -> Proxy:
     """`gateway serve` on an OS-chosen port; its JSON log (access lines too) goes to a file."""
     cfg = tmp / "gateway.toml"
     port = free_port()
-    cfg.write_text(gateway_config(upstream_port, port))
+    cfg.write_text(gateway_config(upstream_port, port, traces))
     log_path = tmp / f"gateway-{tag}.log"
     env = {**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)]
@@ -194,7 +200,7 @@ def start_gateway(
     if profile:  # the profiler's child is the gateway
         time.sleep(0.2)
         pid = children(proc.pid)[0] if children(proc.pid) else proc.pid
-    return Proxy("gateway", port, proc, [pid])
+    return Proxy(name, port, proc, [pid])
 
 
 def start_floor(upstream_port: int) -> Proxy:

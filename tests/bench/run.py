@@ -7,7 +7,12 @@ S1, S4 and S2) and the upstream directly, on 127.0.0.1. The machine's cores are 
 generator, upstream and proxy, so the headline is the proxy's own CPU seconds (user+sys from
 /proc/PID/stat) per 1000 streams, as a ratio to nginx's in the same run.
 
-    python -m tests.bench.run [--quick] [--only S1,S5] [--out build/bench.json]
+The gateway runs twice: as configured for production without tracing ("gateway"), and with
+every request traced and exported to a local OTLP/HTTP sink ("gateway+otel", sample ratio 1,
+tests/bench/otlp_sink.py); a second table sets the two side by side.
+
+    python -m tests.bench.run [--quick | --tiny] [--only S1,S5] [--targets gateway,gateway+otel]
+        [--out build/bench.json]
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ CHAT = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}],"st
 CHAT_JSON = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
 
 
+# What the bench runs: "gateway+otel" is the gateway with every request traced and exported.
+TARGETS_RUN = ("gateway", "gateway+otel", "nginx", "aiohttp", "direct")
+
+
 @dataclass(frozen=True)
 class Plan:
     s5_streams: int
@@ -56,6 +65,16 @@ FULL = Plan(
     s3_events=12,
     s6_streams=8000,
     s6_events=30,
+)
+# A smoke run of the harness itself (not a measurement).
+TINY = Plan(
+    s5_streams=30,
+    s1_streams=300,
+    s4_requests=300,
+    s2_streams=50,
+    s3_events=2,
+    s6_streams=200,
+    s6_events=2,
 )
 # S6 keeps its 8,000 streams; they last long enough (14 s) for most of them to overlap.
 QUICK = Plan(
@@ -86,10 +105,15 @@ def headers(chunks: int, delay: float) -> dict[str, str]:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path, only: set[str] | None) -> None:
+    def __init__(
+        self, plan: Plan, tmp: Path, only: set[str] | None, targets: tuple[str, ...] = TARGETS_RUN
+    ) -> None:
         self.plan = plan
         self.tmp = tmp
         self.only = only
+        self.targets = targets
+        self.sink_proc: subprocess.Popen[bytes] | None = None
+        self.sink_port = 0
         self.results: dict[str, dict[str, Any]] = {}
         self.upstream_proc, self.upstream_port = procs.start_upstream(tmp)
         self.nginx_source = ""
@@ -104,6 +128,18 @@ class Bench:
         self.starts += 1
         if name == "gateway":
             return procs.start_gateway(self.tmp, self.upstream_port, str(self.starts))
+        if name == "gateway+otel":
+            if self.sink_proc is None:
+                self.sink_proc, self.sink_port = procs.start_upstream(
+                    self.tmp, "tests.bench.otlp_sink"
+                )
+            return procs.start_gateway(
+                self.tmp,
+                self.upstream_port,
+                str(self.starts),
+                traces=f"http://127.0.0.1:{self.sink_port}/v1/traces",
+                name=name,
+            )
         if name == "nginx":
             proxy, self.nginx_source = procs.start_nginx(self.tmp, self.upstream_port)
             return proxy
@@ -187,7 +223,7 @@ class Bench:
     def run(self) -> None:
         # "aiohttp" is the bare aiohttp relay (tests/bench/floor.py): the framework's own
         # cost, so the table shows how much of the gateway's figure is aiohttp's.
-        targets = ("gateway", "nginx", "aiohttp", "direct")
+        targets = self.targets
         for name in targets:
             proxy = self.fresh(name)
             try:
@@ -203,7 +239,7 @@ class Bench:
                     self.s2(proxy)
             finally:
                 proxy.close()
-        for name in targets[:2]:
+        for name in [t for t in targets if t in ("gateway", "nginx")]:
             if self.want("S3"):
                 proxy = self.fresh(name)
                 try:
@@ -330,6 +366,16 @@ class Bench:
         )
 
 
+def spans_received(port: int) -> int | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/spans", timeout=5) as r:
+            return int(r.read())
+    except OSError:
+        return None
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
@@ -352,6 +398,57 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ("S6", "errors", "errors", "zero", 0),
 ]
 TARGET_NAMES = ("gateway", "nginx", "aiohttp", "direct")
+# Tracing on (sample ratio 1, exported) beside tracing off: what a traced stream costs.
+TRACING: list[tuple[str, str, str, float | None]] = [
+    ("S1", "cpu_s_per_1000", "CPU s / 1000 streams", 1.25),
+    ("S4", "cpu_s_per_1000", "CPU s / 1000 requests", None),
+    ("S5", "ttfe_p50_ms", "TTFE p50 ms", None),
+    ("S2", "cpu_s", "CPU s for the run", None),
+]
+
+
+def tracing_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for scenario, metric, label, bound in TRACING:
+        r = results.get(scenario, {})
+        off = r.get("gateway", {}).get(metric)
+        on = r.get("gateway+otel", {}).get(metric)
+        ratio = _ratio(on, off)
+        rows.append(
+            {
+                "scenario": scenario,
+                "metric": label,
+                "off": off,
+                "on": on,
+                "ratio": ratio,
+                "target": f"<= {bound:g}x off" if bound else "",
+                "met": (ratio is not None and ratio <= bound) if bound else None,
+            }
+        )
+    return rows
+
+
+def tracing_table(rows: list[dict[str, Any]]) -> str:
+    head = ["", "metric", "tracing off", "tracing on", "on/off", "target", "met"]
+    body = [
+        [
+            r["scenario"],
+            r["metric"],
+            "-" if r["off"] is None else f"{r['off']:.3g}",
+            "-" if r["on"] is None else f"{r['on']:.3g}",
+            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+            r["target"],
+            {True: "yes", False: "NO", None: ""}[r["met"]],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [head, *body]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 INFO: list[tuple[str, str, str]] = [
     ("S1", "rps", "streams/s (shared cores)"),
     ("S4", "rps", "requests/s (shared cores)"),
@@ -482,20 +579,29 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (under two minutes)")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run of the harness")
     parser.add_argument("--only", help="comma-separated scenarios, e.g. S1,S5")
+    parser.add_argument(
+        "--targets", help=f"comma-separated, from {','.join(TARGETS_RUN)} (default: all)"
+    )
     parser.add_argument("--out", default=str(procs.ROOT / "build" / "bench.json"))
     args = parser.parse_args()
     procs.ensure_tools()
     raise_nofile()
-    plan = QUICK if args.quick else FULL
+    plan = TINY if args.tiny else QUICK if args.quick else FULL
     only = set(args.only.upper().split(",")) if args.only else None
+    targets = tuple(args.targets.split(",")) if args.targets else TARGETS_RUN
+    if unknown := set(targets) - set(TARGETS_RUN):
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        bench = Bench(plan, Path(tmp), only)
+        bench = Bench(plan, Path(tmp), only, targets)
         try:
             bench.run()
+            spans = spans_received(bench.sink_port) if bench.sink_proc else None
         finally:
             procs.stop(bench.upstream_proc)
+            procs.stop(bench.sink_proc)
         results = bench.results
         if "S6" in results:
             results["S6"]["_n"] = plan.s6_streams
@@ -503,7 +609,7 @@ def main() -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
-            "plan": "quick" if args.quick else "full",
+            "plan": "tiny" if args.tiny else "quick" if args.quick else "full",
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {
                 "cpus": os.cpu_count(),
@@ -515,6 +621,7 @@ def main() -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             "results": results,
             "table": rows,
+            "tracing": {"spans_received_by_sink": spans, "table": tracing_rows(results)},
         }
         out.write_text(json.dumps(doc, indent=2, default=str))
     print()
@@ -523,6 +630,9 @@ def main() -> int:
         f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}"
     )
     print(table(rows))
+    if "gateway+otel" in targets:
+        print(f"\ntracing off vs on (sample ratio 1, {spans} spans reached the local sink)")
+        print(tracing_table(tracing_rows(results)))
     print(f"\nJSON: {out}")
     return 0
 
