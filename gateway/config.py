@@ -125,6 +125,11 @@ NEVER_PASSED = frozenset(
         "content-length",
         "transfer-encoding",
         "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
     }
 )
 
