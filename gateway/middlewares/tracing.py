@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
-from ..state import CLIENT_IP, EXCHANGE, FINISHED
+from ..state import CLIENT_IP, EXCHANGE, FINISHED, STARTED
 from .headers import apply_response_headers
 
 access_log = structlog.get_logger("gateway.access")
@@ -87,6 +87,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     """Every response, streamed or not, carries X-Request-ID (set right before headers go),
     then the headers the middlewares asked for (`headers.add_response_headers`): one hook,
     so one coroutine per response rather than two."""
+    request[STARTED] = response
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id
