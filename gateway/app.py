@@ -22,7 +22,7 @@ from .middlewares.tracing import make_tracing_middleware, on_prepare
 from .policy import POLICY, PolicyHolder
 from .process.drain import DRAIN, Drain
 from .process.reload import RELOADERS, Reloaders
-from .state import CONFIG, FINISHED, HTTP, PUBLIC, Finisher
+from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNMETERED, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
 from .upstream.pool import UPSTREAMS, UpstreamPool
@@ -99,15 +99,15 @@ def create_app(cfg: Config) -> web.Application:
     # X-Request-ID and the middlewares' headers (`headers.add_response_headers`) in one hook.
     app.on_response_prepare.append(on_prepare)
 
-    app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
-    app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")
+    app.router.add_get("/healthz", health.healthz, name=f"{UNMETERED}healthz")
+    app.router.add_get("/readyz", health.readyz, name=f"{UNMETERED}readyz")
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
         app.router.add_post(path, relay.relay_post)
     app.router.add_get("/v1/models", relay.relay_get)
     app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
     app.router.add_get("/v1/usage", usage_handler)
     # Public to auth: guarded by the [metrics].allow peer list instead.
-    app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{PUBLIC}metrics")
+    app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{UNMETERED}metrics")
     # Last in, first out at cleanup: pending usage records finish before the stores close.
     app.cleanup_ctx.append(accounting.drain)
     # Last of all: at cleanup detached generations end first, while the session and the

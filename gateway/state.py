@@ -36,6 +36,9 @@ class Slot(Protocol):
 # Routes whose name starts with this are served without credentials (health, the demo page,
 # reading a detached stream whose unguessable id is its own authorization).
 PUBLIC = "public:"
+# Public routes that never wait on the limiter either, not even the per-IP throttle: a probe,
+# a scrape or the demo page must not turn 503 (or hang) because Redis is down.
+UNMETERED = PUBLIC + "unmetered:"
 
 # Request-scoped: the record the access log is written from, and who is calling.
 EXCHANGE = web.RequestKey("exchange", Exchange)
