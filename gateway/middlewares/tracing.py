@@ -87,11 +87,11 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     """Every response, streamed or not, carries X-Request-ID (set right before headers go),
     then the headers the middlewares asked for (`headers.add_response_headers`): one hook,
     so one coroutine per response rather than two."""
-    request[STARTED] = response
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id
     apply_response_headers(request, response)
+    request[STARTED] = response  # last: the headers go right after this hook
 
 
 def _finish(request: web.Request, ex: Exchange, now: float) -> None:
