@@ -25,7 +25,7 @@ from .policy import POLICY, PolicyHolder
 from .process.drain import DRAIN, Drain
 from .process.reload import RELOADERS, Reloaders
 from .responses import handlers as responses
-from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNCOUNTED, Finisher
+from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNCOUNTED, UNMETERED, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
 from .upstream.pool import UPSTREAMS, UpstreamPool
@@ -121,8 +121,8 @@ def create_app(cfg: Config) -> web.Application:
     # X-Request-ID and the middlewares' headers (`headers.add_response_headers`) in one hook.
     app.on_response_prepare.append(on_prepare)
 
-    app.router.add_get("/healthz", health.healthz, name=f"{PUBLIC}healthz")
-    app.router.add_get("/readyz", health.readyz, name=f"{PUBLIC}readyz")
+    app.router.add_get("/healthz", health.healthz, name=f"{UNMETERED}healthz")
+    app.router.add_get("/readyz", health.readyz, name=f"{UNMETERED}readyz")
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, relay.relay_post)
     # Background responses (the rest of /v1/responses is relayed by `responses.create`).
@@ -138,7 +138,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/models/{model:[^/]+}", relay.relay_get)
     app.router.add_get("/v1/usage", usage_handler)
     # Public to auth: guarded by the [metrics].allow peer list instead.
-    app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{PUBLIC}metrics")
+    app.router.add_get(cfg.metrics.path, metrics_handler, name=f"{UNMETERED}metrics")
     # Last in, first out at cleanup: pending usage records finish before the stores close.
     app.cleanup_ctx.append(accounting.drain)
     # Last of all: at cleanup detached generations end first, while the session and the

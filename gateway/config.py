@@ -132,6 +132,38 @@ def _patterns(v: list[str]) -> tuple[str, ...]:
     return tuple(v)
 
 
+# Never passed on, whatever `pass_headers` says: credentials, and what the gateway sets itself.
+NEVER_PASSED = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+
+
+def _header_patterns(v: list[str]) -> tuple[str, ...]:
+    out = []
+    for item in v:
+        low = item.strip().lower()
+        if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", low):
+            raise ValueError(f"{item!r} is not a header name pattern")
+        if low in NEVER_PASSED or low == "*":
+            raise ValueError(f"{item!r} may not be passed upstream")
+        out.append(low)
+    return tuple(out)
+
+
 def _http_path(v: str) -> str:
     if not v.startswith("/"):
         raise ValueError("must start with /")
@@ -303,6 +335,12 @@ class UpstreamConfig:
     first_byte_timeout: float = _check(_positive, 60.0)
     idle_timeout: float = _check(_positive, 120.0)
     total_timeout: float = _check(_positive, 900.0)
+    # OpenAI-Organization and OpenAI-Project name the account the upstream bills: passed on
+    # from the client only when this upstream is meant to take them.
+    forward_openai_headers: bool = False
+    # More client request headers passed on to this upstream (fnmatch patterns, any case),
+    # beyond the fixed allow-list (gateway.upstream.pool.FORWARDED).
+    pass_headers: tuple[str, ...] = _check(_header_patterns, [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from .errors import NotFound
-from .state import CONFIG, PUBLIC
+from .state import CONFIG, UNMETERED
 
 _FILES = {
     "index.html": "text/html",
@@ -78,6 +78,6 @@ def add_routes(app: web.Application) -> None:
     async def settings(request: web.Request) -> web.Response:
         return web.Response(body=config, content_type="application/json", headers=_HEADERS)
 
-    app.router.add_get("/", index, name=f"{PUBLIC}index")
-    app.router.add_get("/static/{name}", asset, name=f"{PUBLIC}static")
-    app.router.add_get("/demo/config", settings, name=f"{PUBLIC}demo-config")
+    app.router.add_get("/", index, name=f"{UNMETERED}index")
+    app.router.add_get("/static/{name}", asset, name=f"{UNMETERED}static")
+    app.router.add_get("/demo/config", settings, name=f"{UNMETERED}demo-config")

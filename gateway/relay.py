@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from . import validation
-from .errors import Forbidden, UpstreamError, UpstreamTimeout
+from .errors import BadRequest, Forbidden, NotFound, UpstreamError, UpstreamTimeout
 from .exchange import Exchange
 from .metrics import METRICS
 from .process.drain import DRAIN
 from .state import CONFIG, EXCHANGE, IDENTITY
 from .streaming import Failure, Pump
-from .upstream.pool import UPSTREAMS, forward_headers, relay_headers
+from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers
 from .usage.tap import Usage, ensure_usage_requested
 from .writeguard import WriteGuard
 
@@ -33,6 +34,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 PING = b": ping\n\n"
+
+# The longest model id passed upstream in a path.
+MAX_SEGMENT_CHARS = 512
 
 # The largest non-stream answer read into memory (embeddings of a large batch fit).
 MAX_JSON_BYTES = 64 << 20
@@ -127,7 +131,23 @@ async def _read_post(request: web.Request, ex: Exchange) -> tuple[str, bytes, bo
 async def relay_get(request: web.Request) -> web.StreamResponse:
     """GET /v1/models (and /v1/models/{id})."""
     ex = request[EXCHANGE]
-    return await _relay(request, ex, "GET", request.path.removeprefix("/v1"), None, False)
+    model = request.match_info.get("model")
+    path = "/models" if model is None else "/models/" + upstream_segment(model)
+    return await _relay(request, ex, "GET", path, None, False)
+
+
+def upstream_segment(value: str) -> str:
+    """`value` (decoded from the request path) as exactly one percent-encoded path segment.
+
+    The upstream URL is built from quoted parts, never from the request's path: `%2F..%2F`
+    decoded and passed on would walk the upstream's routes with the gateway's key. A dot
+    segment or a control character is no model id: refused before anything is sent.
+    """
+    if value in (".", "..") or len(value) > MAX_SEGMENT_CHARS:
+        raise NotFound(f"The model `{value[:64]}` does not exist", code="model_not_found")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise BadRequest("The model id holds a control character", code="invalid_model")
+    return quote(value, safe="")
 
 
 async def _relay(
@@ -166,14 +186,7 @@ async def _relay(
 
 
 async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) -> web.Response:
-    try:
-        data = await resp.content.read(MAX_JSON_BYTES + 1) if resp.content else b""
-    except TimeoutError:
-        raise UpstreamTimeout("upstream timed out") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError("upstream connection lost") from exc
-    if len(data) > MAX_JSON_BYTES:
-        raise UpstreamError("upstream answer too large")
+    data = await read_to_end(resp, MAX_JSON_BYTES)
     if resp.status >= 400 and api_key and api_key.encode() in data:
         # Some upstreams quote the credential they were sent in a 401 message: the
         # upstream's key must not reach our client through an error relayed "as sent".

@@ -40,6 +40,9 @@ PUBLIC = "public:"
 # stop or forget work that already holds one (a background response's own routes), so a
 # client at its limit can still follow or cancel what it started.
 UNCOUNTED = "uncounted:"
+# Public routes that never wait on the limiter either, not even the per-IP throttle: a probe,
+# a scrape or the demo page must not turn 503 (or hang) because Redis is down.
+UNMETERED = PUBLIC + "unmetered:"
 
 # Request-scoped: the record the access log is written from, and who is calling.
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -47,6 +50,9 @@ IDENTITY = web.RequestKey("identity", Identity)
 SLOT = web.RequestKey("slot", Slot)
 # The caller's address (gateway.clientip: TCP peer, or X-Forwarded-For from a trusted proxy).
 CLIENT_IP = web.RequestKey("client_ip", str)
+# The response whose headers have gone (set by the app's on_response_prepare hook): once it
+# is there, an error can no longer be a response of its own (`middlewares.errors`).
+STARTED = web.RequestKey("started", web.StreamResponse)
 # Headers the middlewares want on the response, applied right before it is prepared (so a
 # stream prepared inside the handler gets them too): CORS, x-ratelimit-*.
 RESPONSE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("response_headers")

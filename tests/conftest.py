@@ -117,7 +117,15 @@ def config_text(upstream_url: str, **sections: dict[str, Any]) -> str:
         lines.extend(f"{a} = {_toml(b)}" for a, b in k.items())
     for u in upstreams if upstreams is not None else [{}]:
         lines.append("[[upstreams]]")
-        u = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY, **u}
+        # The mock upstream takes its fault injections as x-mock-* headers; the tests' fault
+        # and gated upstreams (tests/test_faults.py, tests/gates.py) x-fault and x-gate.
+        u = {
+            "name": "mock",
+            "base_url": upstream_url,
+            "api_key": UPSTREAM_KEY,
+            "pass_headers": ["x-mock-*", "x-fault", "x-gate"],
+            **u,
+        }
         lines.extend(f"{a} = {_toml(b)}" for a, b in u.items())
     return "\n".join(lines) + "\n"
 

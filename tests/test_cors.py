@@ -105,8 +105,61 @@ async def test_a_refused_origin_gets_no_cors_headers(
     async with http.post(
         f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=headers
     ) as r:
+        assert r.status == 403
         assert not [k for k in r.headers if k.lower().startswith("access-control-")]
         assert "Origin" in r.headers["Vary"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/streams"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/m"),
+    ],
+)
+@pytest.mark.parametrize("origin", [REFUSED, "null", "http://app.example.evil.example"])
+async def test_cors_disallowed_origin_is_403_before_anything_reaches_the_upstream(
+    gw: Gateway,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    origin: str,
+) -> None:
+    headers = {"Origin": origin, "Authorization": f"Bearer {TEST_KEY}"}
+    body = chat_body(stream=False) | {"input": "x"} if method == "POST" else None
+    async with http.request(method, gw.url + path, json=body, headers=headers) as r:
+        assert r.status == 403
+        err = (await r.json())["error"]
+    assert err["type"] == "permission_error" and err["code"] == "cors_origin"
+    assert upstream.state.requests == {}
+
+
+async def test_cors_allowed_origin_and_no_origin_are_served(
+    gw: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    for extra in ({}, {"Origin": ALLOWED}):
+        async with http.post(
+            f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=auth | extra
+        ) as r:
+            assert r.status == 200
+    assert upstream.state.requests["/v1/chat/completions"] == 2
+
+
+async def test_a_same_origin_request_is_served_without_cors_headers(
+    gw: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """The demo page served by the gateway posts to its own host with that Origin."""
+    headers = {"Origin": gw.url, "Authorization": f"Bearer {TEST_KEY}"}
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(stream=False), headers=headers
+    ) as r:
+        assert r.status == 200
+        assert not [k for k in r.headers if k.lower().startswith("access-control-")]
 
 
 async def test_a_request_without_origin_gets_no_cors_headers(

@@ -1,8 +1,9 @@
 """An upstream that misbehaves on purpose: every fault ends for the client in a defined way,
 the access line says how, and the gateway serves the next request normally.
 
-The fault app is one real aiohttp server; the gateway forwards `x-fault` (any `x-*` header
-goes upstream), so one gateway meets every fault and then a good request on the same pool.
+The fault app is one real aiohttp server; the gateway forwards `x-fault` (the tests' upstreams
+take it through `pass_headers`), so one gateway meets every fault and then a good request on
+the same pool.
 """
 
 from __future__ import annotations

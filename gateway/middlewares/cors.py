@@ -3,8 +3,13 @@
 Sits outside the errors middleware, so a rendered 401/429 still carries the CORS headers a
 browser needs to read it (and Retry-After, x-ratelimit-*). A preflight from an allowed origin
 is answered 204 here and goes no further (no credentials are sent on a preflight); one from
-any other origin is refused 403. A request from a refused origin is served without CORS
-headers: the browser then withholds the answer from the page.
+any other origin is refused 403. A request (not a preflight) from an origin that is not
+allowed is refused 403 too, before anything reaches the upstream: a simple request (a POST
+with a text/plain body needs no preflight) would otherwise be served and billed, the
+browser only withholding the answer from the page.
+
+A request whose Origin names this very host (`Host`) is same-origin, not cross-origin: the
+demo page served here posts to its own host, and is served without CORS headers.
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import Forbidden
 from ..policy import PolicyHolder
+from ..state import EXCHANGE
 from .headers import add_response_headers
 
 _VARY = {"Vary": "Origin"}  # a refused origin: no CORS headers, but caches must still vary
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether `origin` (scheme://host[:port]) names the host the request was sent to."""
+    _, sep, authority = origin.partition("://")
+    return bool(sep) and authority.lower() == host.lower()
 
 
 def make_cors_middleware(policy: PolicyHolder) -> Middleware:
@@ -37,7 +49,15 @@ def make_cors_middleware(policy: PolicyHolder) -> Middleware:
                 response.headers["Vary"] = "Origin"
                 return response
             return web.Response(status=204, headers=answer)
-        add_response_headers(request, rules.for_actual(origin) or _VARY)
+        allowed = rules.for_actual(origin)
+        if allowed is None and not _same_origin(origin, request.host):
+            ex = request.get(EXCHANGE)
+            if ex is not None:
+                ex.outcome = "rejected"
+            response = Forbidden("CORS origin not allowed", code="cors_origin").response()
+            response.headers["Vary"] = "Origin"
+            return response
+        add_response_headers(request, allowed or _VARY)
         return await handler(request)
 
     return cors

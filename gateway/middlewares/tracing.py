@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
-from ..state import CLIENT_IP, EXCHANGE, FINISHED
+from ..state import CLIENT_IP, EXCHANGE, FINISHED, STARTED
 from .headers import apply_response_headers
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id
     apply_response_headers(request, response)
+    request[STARTED] = response  # last: the headers go right after this hook
 
 
 def _finish(request: web.Request, ex: Exchange, now: float) -> None:

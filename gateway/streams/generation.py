@@ -38,7 +38,7 @@ from ..middlewares.throttle import charge_tokens
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
 from ..streaming import Failure, Pump, SinkFailed
-from ..upstream.pool import UPSTREAMS
+from ..upstream.pool import UPSTREAMS, read_to_end
 from ..usage import USAGE
 from ..usage.tap import Usage
 from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
@@ -253,8 +253,8 @@ def _first_choice(choices: object) -> dict[str, Any] | None:
 async def _error_of(resp: aiohttp.ClientResponse) -> str:
     """The upstream's error object when it sent one, else a gateway-made one."""
     try:
-        body = _json((await resp.content.read(_MAX_ERROR_BYTES)).decode(errors="replace"))
-    except (aiohttp.ClientError, TimeoutError):
+        body = _json((await read_to_end(resp, _MAX_ERROR_BYTES)).decode(errors="replace"))
+    except GatewayError:  # cut, timed out or over the cap: no message to pass on
         body = None
     if body is not None and isinstance(body.get("error"), dict):
         return orjson.dumps({"error": body["error"]}).decode()

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import fnmatch
 import random
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..aiohttp_seams import on_connection_release
-from ..config import BreakerConfig, Config, UpstreamConfig
+from ..config import NEVER_PASSED, BreakerConfig, Config, UpstreamConfig
 from ..errors import (
     GatewayError,
     NotFound,
@@ -47,29 +47,28 @@ UPSTREAMS: web.AppKey[UpstreamPool] = web.AppKey("upstreams")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
-# Client headers passed upstream by name; any other `x-*` header passes too, unless it could
-# carry a credential or is ours to set. Everything else (hop-by-hop headers, Host, Cookie,
-# Authorization) stays behind.
-_PASS = frozenset({"accept", "user-agent", "openai-beta"})
-_HOLD_X = ("x-api-key", "x-forwarded-", "x-real-ip", "x-request-id")
-_HOLD_WORDS = ("key", "token", "secret", "auth", "cookie", "session", "password")
-_HOLD_WORD = re.compile("|".join(_HOLD_WORDS))  # one C search, not a generator per header
+# The client request headers an upstream gets: an allow-list, never "all but a deny-list"
+# (a header like X-Original-URL or X-HTTP-Method-Override means something to some servers).
+# traceparent and X-Request-ID are the gateway's own, set in `UpstreamPool.open`.
+FORWARDED = frozenset(
+    {"accept", "content-type", "openai-beta", "idempotency-key", "traceparent", "x-request-id"}
+)
+# Which account the upstream bills: only to an upstream configured to take them.
+ACCOUNT = frozenset({"openai-organization", "openai-project"})
 
 
 def forward_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
-    """The client's headers that may go upstream (credentials and hop-by-hop never do)."""
+    """The client's headers that some upstream may take (`Upstream.outgoing` picks per upstream).
+
+    Credentials and hop-by-hop headers never leave here, so a detached generation holding
+    these for its life holds no credential.
+    """
     out: CIMultiDict[str] = CIMultiDict()
     # Headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
     hop = {t.strip().lower() for t in incoming.get("Connection", "").split(",")}
     for name, value in incoming.items():
         low = name.lower()
-        if low in hop:
-            continue
-        if low in _PASS or (
-            low.startswith("x-")
-            and not low.startswith(_HOLD_X)
-            and _HOLD_WORD.search(low) is None
-        ):
+        if low not in hop and low not in NEVER_PASSED:
             out.add(name, value)
     return out
 
@@ -84,6 +83,8 @@ class Upstream:
     timeout: aiohttp.ClientTimeout
     breaker: Breaker
     slots: asyncio.Semaphore  # max_connections responses in flight at once
+    passed: frozenset[str]  # header names (lower case) this upstream takes from the client
+    pass_pattern: re.Pattern[str] | None  # `pass_headers` patterns, compiled once
 
     @classmethod
     def from_config(cls, cfg: UpstreamConfig, breaker: BreakerConfig | None = None) -> Upstream:
@@ -92,6 +93,12 @@ class Upstream:
             cfg=cfg,
             breaker=Breaker(breaker.failure_threshold, breaker.cooldown),
             slots=asyncio.Semaphore(cfg.max_connections),
+            passed=FORWARDED | ACCOUNT if cfg.forward_openai_headers else FORWARDED,
+            pass_pattern=(
+                re.compile("|".join(fnmatch.translate(p) for p in cfg.pass_headers))
+                if cfg.pass_headers
+                else None
+            ),
             base=cfg.base_url,
             auth=f"Bearer {cfg.api_key}" if cfg.api_key else None,
             # No 300 s default total: streams may be long. sock_read is the idle limit between
@@ -107,8 +114,26 @@ class Upstream:
     def name(self) -> str:
         return self.cfg.name
 
+    def outgoing(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """The request headers sent to this upstream: its allow-list of `headers`, its key."""
+        out: CIMultiDict[str] = CIMultiDict()
+        passed, pattern = self.passed, self.pass_pattern
+        for name, value in headers.items():
+            low = name.lower()
+            if low in passed or (
+                pattern is not None and low not in NEVER_PASSED and pattern.match(low)
+            ):
+                out.add(name, value)
+        if self.auth is not None:
+            out["Authorization"] = self.auth
+        return out
+
+    def url(self, path: str) -> URL:
+        """`path` (already percent-encoded, from quoted parts) under the base URL's path."""
+        return self.base.with_path(self.base.raw_path.rstrip("/") + path, encoded=True)
+
     def serves(self, model: str | None) -> bool:
-        return model is None or any(fnmatchcase(model, p) for p in self.cfg.models)
+        return model is None or any(fnmatch.fnmatchcase(model, p) for p in self.cfg.models)
 
 
 class UpstreamPool:
@@ -368,18 +393,22 @@ class UpstreamPool:
         body: bytes | None,
         headers: CIMultiDict[str],
     ) -> aiohttp.ClientResponse:
-        if up.auth is not None:
-            headers["Authorization"] = up.auth
-        else:
-            headers.popall("Authorization", None)
-        url = up.base.with_path(up.base.path + path, encoded=True)
+        url = up.url(path)
+        sent = up.outgoing(headers)
         try:
             # first_byte_timeout bounds the wait for a connection slot too.
             async with asyncio.timeout(up.cfg.first_byte_timeout):
                 await up.slots.acquire()
                 try:
+                    # A redirect is relayed as sent, never followed: following it would
+                    # carry the upstream's key wherever the Location points.
                     resp = await self.session.request(
-                        method, url, data=body, headers=headers, timeout=up.timeout
+                        method,
+                        url,
+                        data=body,
+                        headers=sent,
+                        timeout=up.timeout,
+                        allow_redirects=False,
                     )
                 except BaseException:
                     up.slots.release()
@@ -391,6 +420,36 @@ class UpstreamPool:
         if not on_connection_release(resp, up.slots.release):
             up.slots.release()  # the whole body was read already and the connection went back
         return resp
+
+
+class AnswerTooLarge(UpstreamError):
+    """An upstream body longer than the cap its reader set (502)."""
+
+
+async def read_to_end(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body of `resp`, at most `cap` bytes (more: `AnswerTooLarge`).
+
+    `StreamReader.read(n)` answers with what is buffered, not with n bytes: a body arriving
+    in several TCP reads would be cut. This reads until the end, refusing at once a
+    `Content-Length` over the cap and otherwise as soon as the bytes read pass it. Client
+    errors become the gateway's (timeout: 504, anything else: 502).
+    """
+    length = resp.content_length
+    if length is not None and length > cap:
+        raise AnswerTooLarge("upstream answer too large", code="bad_upstream_response")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await resp.content.readany():
+            size += len(chunk)
+            if size > cap:
+                raise AnswerTooLarge("upstream answer too large", code="bad_upstream_response")
+            chunks.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout("upstream timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError("upstream connection lost") from exc
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _discard(resp: aiohttp.ClientResponse) -> None:

@@ -156,6 +156,7 @@ base_url = "http://127.0.0.1:{upstream_port}/v1"
 api_key = "${{BENCH_UPSTREAM_KEY}}"
 max_connections = 20000
 idle_timeout = 120.0
+pass_headers = ["x-mock-*"]
 
 [logging]
 level = "info"

@@ -248,6 +248,7 @@ base_url = "{upstream}"
 api_key = "${{SOAK_UPSTREAM_KEY}}"
 first_byte_timeout = 2.0
 idle_timeout = 5.0
+pass_headers = ["x-mock-*"]
 [retry]
 attempts = 2
 backoff_initial = 0.05
