@@ -18,13 +18,13 @@ import orjson
 from aiohttp import web
 
 from . import validation
-from .errors import BadRequest, Forbidden, NotFound, UpstreamError, UpstreamTimeout
+from .errors import BadRequest, Forbidden, NotFound, UpstreamError
 from .exchange import Exchange
 from .metrics import METRICS
 from .process.drain import DRAIN
 from .state import CONFIG, EXCHANGE, IDENTITY
 from .streaming import Failure, Pump
-from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers
+from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers, scrub_key
 from .usage.tap import Usage, ensure_usage_requested
 from .writeguard import WriteGuard
 
@@ -187,10 +187,9 @@ async def _relay(
 
 async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) -> web.Response:
     data = await read_to_end(resp, MAX_JSON_BYTES)
-    if resp.status >= 400 and api_key and api_key.encode() in data:
-        # Some upstreams quote the credential they were sent in a 401 message: the
-        # upstream's key must not reach our client through an error relayed "as sent".
-        data = data.replace(api_key.encode(), b"[REDACTED]")
+    if resp.status >= 400:
+        # Relayed "as sent", but never with the upstream's key in it.
+        data = scrub_key(data, api_key)
     content_type = resp.content_type or "application/json"
     if resp.status == 200:
         # Every /v1 route answers a JSON object on success: parsed anyway for usage, and

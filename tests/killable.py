@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_KEY_SHA, UPSTREAM_KEY, _toml
 from tests.gateway_process import GatewayProcess
 
 ServeProcess = Callable[[str], Awaitable[GatewayProcess]]
@@ -37,22 +36,9 @@ async def serve_process(tmp_path: Path) -> AsyncIterator[ServeProcess]:
 
 
 def config_text(upstream_url: str, **sections: dict[str, Any]) -> str:
-    """The TOML of `tests.conftest.make_config` for a process: one key, one upstream."""
-    base: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": 2},
-        "logging": {"level": "info", "format": "json"},
-    }
-    keys = sections.pop("keys", [{"client": "tester", "sha256": TEST_KEY_SHA}])
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
-    for k in keys:
-        lines.append("[[auth.keys]]")
-        lines.extend(f"{a} = {_toml(b)}" for a, b in k.items())
-    lines.append("[[upstreams]]")
-    upstream = {"name": "mock", "base_url": upstream_url, "api_key": UPSTREAM_KEY}
-    lines.extend(f"{a} = {_toml(b)}" for a, b in upstream.items())
-    return "\n".join(lines) + "\n"
+    """`tests.conftest.config_text` with auth on (`auth.mode = "keys"`, one key): the TOML of a
+    gateway process whose callers identify themselves."""
+    from tests.conftest import config_text as text  # conftest loads this module as a plugin
+
+    sections.setdefault("auth", {"mode": "keys"})
+    return text(upstream_url, **sections)

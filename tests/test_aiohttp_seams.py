@@ -144,7 +144,7 @@ def test_the_package_uses_no_other_private_aiohttp_attribute() -> None:
         if path.name == "aiohttp_seams.py":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
+            code = re.sub(r"\"[^\"]*\"|'[^']*'", "", line.split("#", 1)[0])  # not in strings
             if private.search(code) and "os._exit" not in code and "sys._" not in code:
                 found.append(f"{path.name}:{n}: {line.strip()}")
     assert found == []

@@ -53,6 +53,7 @@ def test_no_trusted_proxies_means_the_header_is_never_read() -> None:
 async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
+    # (Probes such as /healthz never meet the per-IP limit: a /v1 route does.)
     # 127.0.0.1 is not a trusted proxy here: each "different" forwarded address is the same
     # client, so the per-IP limit (1 at once) refuses the second.
     gw = await gateway_factory(
@@ -60,8 +61,8 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
         server={"trusted_proxies": ["10.0.0.0/8"]},
         limits={"per_ip_rpm": 1},
     )
-    r1 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
-    r2 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.2"})
+    r1 = await http.get(f"{gw.url}/v1/models", headers={"X-Forwarded-For": "198.51.100.1"})
+    r2 = await http.get(f"{gw.url}/v1/models", headers={"X-Forwarded-For": "198.51.100.2"})
     assert (r1.status, r2.status) == (200, 429)
 
 
@@ -73,9 +74,9 @@ async def test_forwarded_for_from_a_trusted_proxy_separates_clients(
         server={"trusted_proxies": ["127.0.0.1/32"]},
         limits={"per_ip_rpm": 1},
     )
-    r1 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
-    r2 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.2"})
-    r3 = await http.get(f"{gw.url}/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
+    r1 = await http.get(f"{gw.url}/v1/models", headers={"X-Forwarded-For": "198.51.100.1"})
+    r2 = await http.get(f"{gw.url}/v1/models", headers={"X-Forwarded-For": "198.51.100.2"})
+    r3 = await http.get(f"{gw.url}/v1/models", headers={"X-Forwarded-For": "198.51.100.1"})
     assert (r1.status, r2.status, r3.status) == (200, 200, 429)
 
 

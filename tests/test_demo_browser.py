@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from gateway.reload import reload
 
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
+from gateway.process.reload import reload
 
 from .conftest import TEST_KEY, GatewayFactory, StartUpstream, make_config
 from .nginx_server import NGINX, Nginx

@@ -93,6 +93,8 @@ name = "mock"
 base_url = "{up.url}"
 api_key = "${{GW_UPSTREAM_KEY}}"
 first_byte_timeout = 0.5
+# The faults below reach the upstream only when passed (headers are an allow-list).
+pass_headers = ["x-mock-*", "x-fault"]
 [retry]
 attempts = 1
 [logging]
@@ -225,6 +227,8 @@ async def test_no_secret_in_any_response_log_line_or_metric(
     logs = "".join(lines)
     assert logs.count('"access"') >= len(cases) - 5  # the log really was captured
     assert any(s >= 400 for s in statuses) and any(s == 200 for s in statuses)
+    # The faults reached the upstream: the echoing 401 was relayed (with the key scrubbed).
+    assert any(c.startswith("401") and "Incorrect API key provided" in c for c in captured)
     everything = "\n".join(captured) + logs
     leaks = [
         (name, frag)
@@ -234,3 +238,26 @@ async def test_no_secret_in_any_response_log_line_or_metric(
     ]
     assert leaks == [], leaks
     assert "Traceback" not in everything
+
+
+async def test_an_upstream_error_quoting_the_key_is_scrubbed_in_detached_streams_and_responses(
+    gateway_process: tuple[str, list[str]],
+) -> None:
+    """The detached stream's `fail` event and a background response's creation error carry
+    the upstream's error object: never with the upstream's key in it."""
+    base, lines = gateway_process
+    auth = {"Authorization": f"Bearer {TEST_KEY}", "x-fault": "echo-auth"}
+    captured: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/v1/streams", json=chat_body(), headers=auth) as resp:
+            assert resp.status == 201
+            url = (await resp.json())["url"]
+        async with http.get(base + url) as resp:
+            captured.append(await resp.text())
+        body = {"model": "mock-gpt", "input": "hi", "background": True}
+        async with http.post(base + "/v1/responses", json=body, headers=auth) as resp:
+            captured.append(f"{resp.status} {await resp.text()}")
+    assert "event: fail" in captured[0] and "Incorrect API key provided" in captured[0]
+    assert captured[1].startswith("401") and "Incorrect API key provided" in captured[1]
+    everything = "\n".join(captured) + "".join(lines)
+    assert [f for f in fragments(UPSTREAM_KEY) if f in everything] == []

@@ -35,7 +35,7 @@ from ..state import EXCHANGE, IDENTITY, SLOT
 from ..streams.handlers import FOLLOWERS, serve_log
 from ..streams.log import EVENT_LOG, Batch
 from ..streams.registry import STREAM_TASKS
-from ..upstream.pool import UPSTREAMS, forward_headers, relay_headers
+from ..upstream.pool import UPSTREAMS, forward_headers, relay_headers, scrub_key
 from . import objects, pump
 
 # What a read of the log may return at once (a reader far behind catches up in batches).
@@ -137,8 +137,7 @@ async def _refused(resp: aiohttp.ClientResponse, name: str, api_key: str) -> web
     except orjson.JSONDecodeError:
         pass
     text = orjson.dumps({"error": error}).decode() if isinstance(error, dict) else ""
-    if api_key:
-        text = text.replace(api_key, "[REDACTED]")  # some quote the key they were sent
+    text = scrub_key(text.encode(), api_key).decode()
     if resp.status == 200:
         raise UpstreamError(
             f"upstream {name} answered a stream request with {resp.content_type!r}, not events",

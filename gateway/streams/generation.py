@@ -38,7 +38,7 @@ from ..middlewares.throttle import charge_tokens
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
 from ..streaming import Failure, Pump, SinkFailed
-from ..upstream.pool import UPSTREAMS, read_to_end
+from ..upstream.pool import UPSTREAMS, read_to_end, scrub_key
 from ..usage import USAGE
 from ..usage.tap import Usage
 from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
@@ -150,7 +150,7 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
             raise _Ended
 
     try:
-        _, resp = await app[UPSTREAMS].open(
+        up, resp = await app[UPSTREAMS].open(
             "POST", "/chat/completions", ex=job.ex, body=job.body, headers=job.headers
         )
     except GatewayError as exc:
@@ -158,7 +158,7 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
         return "upstream_error"
     try:
         if resp.status != 200 or resp.content_type != "text/event-stream":
-            await put(FAIL, await _error_of(resp))
+            await put(FAIL, await _error_of(resp, up.cfg.api_key))
             return "upstream_error"
         pump = Pump(app[CONFIG].sse.max_event_bytes, strip=False, require_done=True)
         otel = job.ex.otel
@@ -250,12 +250,13 @@ def _first_choice(choices: object) -> dict[str, Any] | None:
     return None
 
 
-async def _error_of(resp: aiohttp.ClientResponse) -> str:
-    """The upstream's error object when it sent one, else a gateway-made one."""
+async def _error_of(resp: aiohttp.ClientResponse, api_key: str) -> str:
+    """The upstream's error object when it sent one, else a gateway-made one. Some upstreams
+    quote the credential they were sent: the upstream's key is scrubbed, as the relay does."""
     try:
         body = _json((await read_to_end(resp, _MAX_ERROR_BYTES)).decode(errors="replace"))
     except GatewayError:  # cut, timed out or over the cap: no message to pass on
         body = None
     if body is not None and isinstance(body.get("error"), dict):
-        return orjson.dumps({"error": body["error"]}).decode()
+        return scrub_key(orjson.dumps({"error": body["error"]}), api_key).decode()
     return _fail(f"upstream answered {resp.status}", "upstream_error", "bad_gateway")

@@ -491,3 +491,9 @@ def relay_headers(upstream: CIMultiDictProxy[str], status: int) -> dict[str, str
         hinted = retry_after_seconds(out.pop("retry-after", None))
         out["Retry-After"] = retry_after_value(hinted or 0)
     return out
+
+
+def scrub_key(data: bytes, api_key: str) -> bytes:
+    """An upstream's answer without the upstream's key: some upstreams quote the credential
+    they were sent (a 401's message), and what they answer is relayed to our client."""
+    return data.replace(api_key.encode(), b"[REDACTED]") if api_key else data
