@@ -38,6 +38,8 @@ def limit_key(ip: str) -> str:
     One IPv6 host is usually given a whole /64 and can pick any of its 2**64 addresses;
     counted per address, it would have a fresh limit for every request.
     """
+    if ":" not in ip:  # IPv4 (or no address at all): counted as it is, no parse needed
+        return ip
     addr = _parse(ip)
     if isinstance(addr, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((addr, 64), strict=False))

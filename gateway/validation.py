@@ -34,9 +34,13 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
         # Refused on the declared length, without waiting for bytes that may never come.
         raise PayloadTooLarge(f"Request body is larger than {server.max_body_bytes} bytes")
     try:
-        # A body that never finishes must not hold the connection (and a handler) forever.
-        async with asyncio.timeout(server.body_timeout):
+        if request.content.is_eof():
+            # All of it arrived with the headers (the common small body): nothing to wait for.
             raw = await request.read()
+        else:
+            # A body that never finishes must not hold the connection (and a handler) forever.
+            async with asyncio.timeout(server.body_timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"Request body is larger than {server.max_body_bytes} bytes"

@@ -65,12 +65,20 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
+# The header names per kind, built once rather than formatted for every request.
+_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def _headers(kind: str, d: Decision) -> dict[str, str]:
-    return {
-        f"x-ratelimit-limit-{kind}": str(d.limit),
-        f"x-ratelimit-remaining-{kind}": str(d.remaining),
-        f"x-ratelimit-reset-{kind}": _duration(d.reset_after),
-    }
+    limit, remaining, reset = _NAMES[kind]
+    return {limit: str(d.limit), remaining: str(d.remaining), reset: _duration(d.reset_after)}
 
 
 def tpm_rate(identity: Identity) -> Rate | None:

@@ -43,14 +43,14 @@ def loggable_path(path: str) -> str:
     return path
 
 
-def _trace(header: str | None) -> tuple[str, str | None, str]:
+def _trace(header: str | None, fresh: str) -> tuple[str, str | None, str]:
     """(trace_id, parent span id, flags): continued from a valid traceparent, else a new
-    trace (no parent)."""
+    trace (no parent) with `fresh` (32 random hex digits) as its id."""
     if header:
         m = _TRACEPARENT.fullmatch(header.strip())
         if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
             return m.group(1), m.group(2), m.group(3)
-    return os.urandom(16).hex(), None, "01"
+    return fresh, None, "01"
 
 
 def make_tracing_middleware(otel: Tracing | None = None) -> Middleware:
@@ -59,14 +59,16 @@ def make_tracing_middleware(otel: Tracing | None = None) -> Middleware:
     @web.middleware
     async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
+        # A request id, a trace id and a span id from one read of the OS's randomness.
+        fresh = os.urandom(40).hex()
         rid = request.headers.get("X-Request-ID")
         if rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = os.urandom(16).hex()
-        trace_id, parent_id, flags = _trace(request.headers.get("traceparent"))
+            rid = fresh[:32]
+        trace_id, parent_id, flags = _trace(request.headers.get("traceparent"), fresh[32:64])
         ex = Exchange(
             request_id=rid,
             trace_id=trace_id,
-            span_id=os.urandom(8).hex(),
+            span_id=fresh[64:],
             trace_flags=flags,
             started=loop.time(),
             parent_id=parent_id,

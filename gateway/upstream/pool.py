@@ -85,6 +85,7 @@ class Upstream:
     slots: asyncio.Semaphore  # max_connections responses in flight at once
     passed: frozenset[str]  # header names (lower case) this upstream takes from the client
     pass_pattern: re.Pattern[str] | None  # `pass_headers` patterns, compiled once
+    any_model: bool  # `models` holds "*": no pattern to try per request
 
     @classmethod
     def from_config(cls, cfg: UpstreamConfig, breaker: BreakerConfig | None = None) -> Upstream:
@@ -99,6 +100,7 @@ class Upstream:
                 if cfg.pass_headers
                 else None
             ),
+            any_model="*" in cfg.models,
             base=cfg.base_url,
             auth=f"Bearer {cfg.api_key}" if cfg.api_key else None,
             # No 300 s default total: streams may be long. sock_read is the idle limit between
@@ -133,7 +135,9 @@ class Upstream:
         return self.base.with_path(self.base.raw_path.rstrip("/") + path, encoded=True)
 
     def serves(self, model: str | None) -> bool:
-        return model is None or any(fnmatch.fnmatchcase(model, p) for p in self.cfg.models)
+        if model is None or self.any_model:
+            return True
+        return any(fnmatch.fnmatchcase(model, p) for p in self.cfg.models)
 
 
 class UpstreamPool:
