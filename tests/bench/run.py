@@ -239,8 +239,9 @@ class Bench:
                     self.s2(proxy)
             finally:
                 proxy.close()
-        for name in [t for t in targets if t in ("gateway", "nginx")]:
-            if self.want("S3"):
+        # S6 runs the bare relay too: the reconnect storm's targets are ratios to it.
+        for name in [t for t in targets if t in ("gateway", "nginx", "aiohttp")]:
+            if self.want("S3") and name != "aiohttp":
                 proxy = self.fresh(name)
                 try:
                     self.s3(proxy)
@@ -339,9 +340,12 @@ class Bench:
         """8,000 concurrent slow streams on one process: all complete."""
         n = self.plan.s6_streams
         peak = [0]
+        base = proxy.rss()
+        rss_peak = [base]
 
         def sample(st: Stats) -> None:
             peak[0] = max(peak[0], st.first_events - st.completed - st.error_count)
+            rss_peak[0] = max(rss_peak[0], proxy.rss())
 
         cpu0 = proxy.cpu()
         st = self.streams(
@@ -359,8 +363,12 @@ class Bench:
             streams=st.completed,
             errors=st.error_count,
             peak_concurrent=peak[0],
+            ttfe_p99_ms=_ms(pct(st.ttfe, 0.99)),
             wall_s=round(st.wall, 1),
-            rss_peak_mb=round(proxy.rss() / 2**20, 1) if proxy.proc else None,
+            rss_peak_mb=round(rss_peak[0] / 2**20, 1) if proxy.proc else None,
+            rss_per_stream_kb=(
+                round((rss_peak[0] - base) / peak[0] / 1024, 1) if proxy.proc and peak[0] else None
+            ),
             cpu_s=round(proxy.cpu() - cpu0, 2),
             error_kinds=dict(st.errors),
         )
@@ -405,6 +413,83 @@ TRACING: list[tuple[str, str, str, float | None]] = [
     ("S5", "ttfe_p50_ms", "TTFE p50 ms", None),
     ("S2", "cpu_s", "CPU s for the run", None),
 ]
+
+
+# The gateway (every feature on) against the bare aiohttp relay in the same run: what the
+# gateway itself costs on top of the framework. kind "ratio": gateway / bare relay at most
+# `bound`; "added": gateway at most bare relay + `bound` (ms); "nginx": gateway / nginx.
+FRAMEWORK: list[tuple[str, str, str, str, float]] = [
+    ("S1", "cpu_s_per_1000", "CPU s / 1000 streams", "ratio", 1.5),
+    ("S4", "cpu_s_per_1000", "CPU s / 1000 requests", "ratio", 1.5),
+    ("S5", "ttfe_p50_ms", "TTFE p50 ms", "added", 0.2),
+    ("S6", "ttfe_p99_ms", "TTFE p99 ms (reconnect storm)", "ratio", 2.0),
+    ("S6", "rss_per_stream_kb", "RSS KiB / open stream", "ratio", 1.2),
+    ("S2", "cpu_s", "CPU s for the run", "ratio", 1.1),
+    ("S2", "gap_p99_ms", "gap p99 ms", "nginx", 1.5),
+]
+
+
+def framework_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for scenario, metric, label, kind, bound in FRAMEWORK:
+        r = results.get(scenario, {})
+        gw, bare = r.get("gateway", {}).get(metric), r.get("aiohttp", {}).get(metric)
+        ratio = _ratio(gw, bare)
+        met: bool | None = None
+        if kind == "ratio":
+            target = f"<= {bound:g}x bare"
+            met = None if ratio is None else ratio <= bound
+        elif kind == "added":
+            target = f"<= bare + {bound:g} ms"
+            met = None if gw is None or bare is None else gw <= bare + bound
+        else:
+            target = f"<= {bound:g}x nginx"
+            nginx_ratio = _ratio(gw, r.get("nginx", {}).get(metric))
+            met = None if nginx_ratio is None else nginx_ratio <= bound
+        rows.append(
+            {
+                "scenario": scenario,
+                "metric": label,
+                "gateway": gw,
+                "aiohttp": bare,
+                "ratio": ratio,
+                "target": target,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def framework_table(rows: list[dict[str, Any]]) -> str:
+    head = ["", "metric", "gateway", "bare relay", "gateway / bare relay", "target", "met"]
+    body = [
+        [
+            r["scenario"],
+            r["metric"],
+            "-" if r["gateway"] is None else f"{r['gateway']:.3g}",
+            "-" if r["aiohttp"] is None else f"{r['aiohttp']:.3g}",
+            _versus(r),
+            r["target"],
+            {True: "yes", False: "NO", None: ""}[r["met"]],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [head, *body]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _versus(row: dict[str, Any]) -> str:
+    """The ratio, and for an added-time target the milliseconds added too."""
+    if row["ratio"] is None:
+        return "-"
+    if row["target"].startswith("<= bare +"):
+        return f"{row['ratio']:.2f}x (+{row['gateway'] - row['aiohttp']:.3f} ms)"
+    return f"{row['ratio']:.2f}x"
 
 
 def tracing_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -457,7 +542,10 @@ INFO: list[tuple[str, str, str]] = [
     ("S2", "gap_p50_ms", "gap p50 ms"),
     ("S2", "cpu_s", "CPU s for the run"),
     ("S3", "rss_peak_mb", "RSS peak MiB"),
-    ("S6", "peak_concurrent", "peak concurrent streams"),
+    # nginx runs one worker (worker_processes 1): its figure is what one worker carried.
+    ("S6", "peak_concurrent", "peak concurrent streams (nginx: one worker)"),
+    ("S6", "ttfe_p99_ms", "TTFE p99 ms"),
+    ("S6", "rss_per_stream_kb", "RSS KiB / open stream"),
     ("S6", "cpu_s", "CPU s for the run"),
 ]
 
@@ -621,6 +709,7 @@ def main() -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             "results": results,
             "table": rows,
+            "framework": framework_rows(results),
             "tracing": {"spans_received_by_sink": spans, "table": tracing_rows(results)},
         }
         out.write_text(json.dumps(doc, indent=2, default=str))
@@ -630,6 +719,9 @@ def main() -> int:
         f"{os.cpu_count()} cores shared; {doc['seconds']} s; load avg {os.getloadavg()[0]:.1f}"
     )
     print(table(rows))
+    if "aiohttp" in targets and "gateway" in targets:
+        print("\ngateway (every feature on) vs the bare aiohttp relay (tests/bench/floor.py)")
+        print(framework_table(doc["framework"]))
     if "gateway+otel" in targets:
         print(f"\ntracing off vs on (sample ratio 1, {spans} spans reached the local sink)")
         print(tracing_table(tracing_rows(results)))
