@@ -374,3 +374,32 @@ async def test_its_tokens_count_in_tokens_total_as_in_v1_usage(
     m = await scrape(http, gw)
     assert value(m, "gateway_tokens_total", client="tester", kind="completion") == 5
     assert value(m, "gateway_tokens_total", client="tester", kind="prompt") == 2
+
+
+async def test_a_streamed_create_refused_for_want_of_a_reader_starts_nothing(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    # With the instance's readers at their cap, a create with "stream": true is refused 503;
+    # it must then start no generation: one would run (and be charged) for a client that
+    # never learnt its id.
+    up = await start_upstream(create_mock_app(MockSettings(chunks=300, delay=0.02)))
+    gw = await gateway_factory(
+        up.url, auth={"mode": "keys"}, keys=KEYS, sse={"max_followers": 1}
+    )
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    body = {"model": "mock-gpt", "input": PROMPT, "background": True}
+    async with http.post(gw.url + "/v1/responses", json=body, headers=headers) as r:
+        response_id = (await r.json())["id"]
+    url = f"{gw.url}/v1/responses/{response_id}?stream=true"
+    async with http.get(url, headers=headers) as reader:  # the one reader allowed
+        assert reader.status == 200
+        assert await reader.content.readline()
+        async with http.post(
+            gw.url + "/v1/responses", json={**body, "stream": True}, headers=headers
+        ) as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["error"]["code"] == "too_many_followers"
+        assert up.state.requests["/v1/responses"] == 1
+        assert len(gw.app[STREAM_TASKS]) == 1
+    async with http.post(f"{gw.url}/v1/responses/{response_id}/cancel", headers=headers) as r:
+        assert r.status == 200
