@@ -17,10 +17,13 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
-from tests.conftest import TEST_KEY, TEST_KEY_SHA, StartUpstream, Upstream
+from gateway.streams.registry import STREAM_TASKS
+from tests.conftest import TEST_KEY, TEST_KEY_SHA, GatewayFactory, StartUpstream, Upstream
+from tests.gates import until
 from tests.gateway_process import GatewayProcess
 from tests.killable import ServeProcess, config_text
 from tests.redis_server import redis_limits
+from tests.test_metrics import scrape, value
 
 PROMPT = "hello there"
 OTHER_KEY = "gw-other-key-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -349,3 +352,54 @@ async def test_on_redis_created_on_one_instance_resumed_and_cancelled_on_another
     await on_d.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         await on_c.responses.retrieve(created.id)
+
+
+async def test_its_tokens_count_in_tokens_total_as_in_v1_usage(
+    gateway_factory: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # gateway_tokens_total agrees with /v1/usage (the contract), for a generation the app
+    # owns as for a relayed request: a background response's tokens are in both.
+    gw = await gateway_factory(upstream.url, auth={"mode": "keys"}, keys=KEYS)
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    body = {"model": "mock-gpt", "input": PROMPT, "background": True}
+    async with http.post(gw.url + "/v1/responses", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        response_id = (await r.json())["id"]
+    await until(lambda: len(gw.app[STREAM_TASKS]) == 0)
+    async with http.get(f"{gw.url}/v1/responses/{response_id}", headers=headers) as r:
+        assert (await r.json())["status"] == "completed"
+    async with http.get(gw.url + "/v1/usage", headers=headers) as r:
+        usage = await r.json()
+    assert usage["completion_tokens"] == 5 and usage["prompt_tokens"] == 2
+    m = await scrape(http, gw)
+    assert value(m, "gateway_tokens_total", client="tester", kind="completion") == 5
+    assert value(m, "gateway_tokens_total", client="tester", kind="prompt") == 2
+
+
+async def test_a_streamed_create_refused_for_want_of_a_reader_starts_nothing(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    # With the instance's readers at their cap, a create with "stream": true is refused 503;
+    # it must then start no generation: one would run (and be charged) for a client that
+    # never learnt its id.
+    up = await start_upstream(create_mock_app(MockSettings(chunks=300, delay=0.02)))
+    gw = await gateway_factory(
+        up.url, auth={"mode": "keys"}, keys=KEYS, sse={"max_followers": 1}
+    )
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    body = {"model": "mock-gpt", "input": PROMPT, "background": True}
+    async with http.post(gw.url + "/v1/responses", json=body, headers=headers) as r:
+        response_id = (await r.json())["id"]
+    url = f"{gw.url}/v1/responses/{response_id}?stream=true"
+    async with http.get(url, headers=headers) as reader:  # the one reader allowed
+        assert reader.status == 200
+        assert await reader.content.readline()
+        async with http.post(
+            gw.url + "/v1/responses", json={**body, "stream": True}, headers=headers
+        ) as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["error"]["code"] == "too_many_followers"
+        assert up.state.requests["/v1/responses"] == 1
+        assert len(gw.app[STREAM_TASKS]) == 1
+    async with http.post(f"{gw.url}/v1/responses/{response_id}/cancel", headers=headers) as r:
+        assert r.status == 200

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +21,7 @@ from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
 from gateway.process.server import start
 from gateway.sse import EventSplitter, iter_events, parse_event
 from gateway.state import IDENTITY, SLOT
+from gateway.streams.handlers import FOLLOWERS
 from gateway.streams.log import EVENT_LOG, MemoryEventLog
 from gateway.streams.registry import STREAM_TASKS
 from gateway.usage import USAGE
@@ -33,6 +37,7 @@ from .conftest import (
     chat_body,
     make_config,
 )
+from .test_metrics import scrape, value
 
 PROMPT = "hello there"
 
@@ -261,6 +266,40 @@ async def test_a_late_reader_gets_the_whole_history(
     first = await read_stream(http, gateway, url)
     late = await read_stream(http, gateway, url)
     assert late.events == first.events and late.events[0].id == 1
+
+
+async def test_a_reader_gone_mid_write_is_a_disconnect_not_a_traceback(
+    http: aiohttp.ClientSession,
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A reader that sends its GET and resets the connection at once: the handler finds the
+    # transport closing on a write (ClientConnectionResetError), not through a cancellation.
+    # That is a normal disconnect: counted as one, and no "Error handling request" traceback
+    # from aiohttp in the logs.
+    up = await start_upstream(create_mock_app(MockSettings(chunks=50, delay=0.0)))
+    gw = await gateway_factory(up.url)
+    url = await start_stream(http, gw)
+    assert (await read_stream(http, gw, url)).events[-1].kind == "done"
+    caplog.set_level(logging.DEBUG)
+    loop = asyncio.get_running_loop()
+    readers = 10
+    for _ in range(readers):
+        with socket.socket() as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", gw.port))
+            await loop.sock_sendall(s, f"GET {url} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await _until(lambda: gw.app[FOLLOWERS].count == 0)
+    for _ in range(200):  # each reader's exchange is counted once its handler has ended
+        m = await scrape(http, gw)
+        if value(m, "gateway_client_disconnects_total") >= readers:
+            break
+        await asyncio.sleep(0.02)
+    assert value(m, "gateway_client_disconnects_total") >= 1  # handlers ran and saw it
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
 
 async def test_the_generation_goes_on_with_no_reader(

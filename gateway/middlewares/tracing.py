@@ -82,12 +82,18 @@ def make_tracing_middleware(otel: Tracing | None = None) -> Middleware:
         )
         try:
             response = await handler(request)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
             # The client went away: cancelled by aiohttp, or a write found the socket closed.
             if ex.outcome == "completed" and not ex.delivered:
                 ex.outcome = "client_disconnected"
             ex.status = ex.status or 499
             _finish(request, ex, loop.time())
+            if isinstance(exc, ConnectionResetError) and _client_gone(request):
+                # aiohttp logs any exception out of a handler with its traceback ("Error
+                # handling request"): a normal disconnect is answered instead. aiohttp's
+                # finishing write then finds the socket closed and drops the connection
+                # quietly, as it does for a disconnect that cancelled the handler.
+                return request.get(STARTED) or web.Response(status=499)
             raise
         except BaseException:
             ex.status = ex.status or 500
@@ -117,6 +123,12 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
         response.headers["X-Request-ID"] = ex.request_id
     apply_response_headers(request, response)
     request[STARTED] = response  # last: the headers go right after this hook
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client's connection is closed or closing (a write to it raised)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _finish(request: web.Request, ex: Exchange, now: float) -> None:

@@ -20,6 +20,7 @@ Every route is authenticated; a response is its creator's alone: to anyone else 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
@@ -88,35 +89,39 @@ async def create(request: web.Request) -> web.StreamResponse:
         model=model,
         stream=True,
     )
-    up, resp = await pool.open(
-        "POST",
-        "/responses",
-        ex=gen,
-        body=validation.dumps(upstream_body),
-        headers=forward_headers(request.headers),
-    )
-    del body, upstream_body  # sent: not held for the life of the generation
-    handed = False
-    try:
-        if resp.status != 200 or resp.content_type != "text/event-stream":
-            return await _refused(resp, up.name, up.cfg.api_key)
-        events = request.app[EVENT_LOG]
-        await events.create(response_id)
-        if await events.append(response_id, objects.META, objects.meta(client, base)) is None:
-            raise Unavailable("Background responses are unavailable now")
-        slot = request.get(SLOT)
-        if slot is not None:
-            slot.detach()  # the generation holds the concurrency slot until it ends
-        job = pump.Job(response_id, client, identity, base, gen, resp, slot)
-        request.app[STREAM_TASKS].start(
-            pump.run(request.app, job), name=f"response:{response_id[5:13]}"
+    # A streamed create takes its reader's place first: refused after the start (readers at
+    # their cap), the generation would run, and be charged, for a client without its id.
+    reader = request.app[FOLLOWERS].hold() if ex.stream else contextlib.nullcontext()
+    with reader:
+        up, resp = await pool.open(
+            "POST",
+            "/responses",
+            ex=gen,
+            body=validation.dumps(upstream_body),
+            headers=forward_headers(request.headers),
         )
-        handed = True
-    finally:
-        if not handed:
-            resp.close()
-    if ex.stream:
-        return await _follow(request, response_id, base, 1)
+        del body, upstream_body  # sent: not held for the life of the generation
+        handed = False
+        try:
+            if resp.status != 200 or resp.content_type != "text/event-stream":
+                return await _refused(resp, up.name, up.cfg.api_key)
+            events = request.app[EVENT_LOG]
+            await events.create(response_id)
+            if await events.append(response_id, objects.META, objects.meta(client, base)) is None:
+                raise Unavailable("Background responses are unavailable now")
+            slot = request.get(SLOT)
+            if slot is not None:
+                slot.detach()  # the generation holds the concurrency slot until it ends
+            job = pump.Job(response_id, client, identity, base, gen, resp, slot)
+            request.app[STREAM_TASKS].start(
+                pump.run(request.app, job), name=f"response:{response_id[5:13]}"
+            )
+            handed = True
+        finally:
+            if not handed:
+                resp.close()
+        if ex.stream:
+            return await _serve(request, response_id, base, 1)
     return _json(base)
 
 
@@ -212,14 +217,21 @@ async def _follow(
     # Each reader holds a blocking read (with Redis, a connection of the bounded pool): the
     # same per-instance cap as the readers of /v1/streams.
     with request.app[FOLLOWERS].hold():
-        batch: Batch | None = await request.app[EVENT_LOG].read(
-            response_id, after, timeout=0, limit=_READ_LIMIT
-        )
-        if batch is None:
-            raise _unknown()
-        return await serve_log(
-            request, response_id, after, batch, lambda evs: objects.encode(evs, base)
-        )
+        return await _serve(request, response_id, base, after)
+
+
+async def _serve(
+    request: web.Request, response_id: str, base: objects.Json, after: int
+) -> web.StreamResponse:
+    """The events after `after`, then live; the caller holds a reader's place."""
+    batch: Batch | None = await request.app[EVENT_LOG].read(
+        response_id, after, timeout=0, limit=_READ_LIMIT
+    )
+    if batch is None:
+        raise _unknown()
+    return await serve_log(
+        request, response_id, after, batch, lambda evs: objects.encode(evs, base)
+    )
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:

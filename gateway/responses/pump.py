@@ -29,6 +29,7 @@ from aiohttp import web
 from ..exchange import Exchange
 from ..identity import Identity
 from ..limits import LIMITER
+from ..metrics import METRICS
 from ..middlewares.throttle import charge_tokens
 from ..sse import EventSplitter, SSEError, iter_events, parse_event
 from ..state import CONFIG, Slot
@@ -107,6 +108,8 @@ async def _finish(app: web.Application, job: Job, outcome: str) -> None:
     if usage is None and job.deltas:
         # Cut before the upstream's usage: charge the deltas logged, about a token each.
         usage = job.ex.usage = Usage(completion_tokens=job.deltas, total_tokens=job.deltas)
+    if usage is not None and METRICS in app:
+        app[METRICS].charge(job.client, usage)  # first: it cannot fail, the store can
     if USAGE in app:
         await app[USAGE].record(job.client, usage, streamed=True)
     if job.identity is not None and usage is not None and LIMITER in app:
