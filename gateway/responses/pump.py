@@ -1,44 +1,39 @@
 """One background response: the upstream's Responses event stream pumped into its log.
 
-The task is owned by the app (`streams.registry.STREAM_TASKS`), like a detached stream's
-generation, so it goes on with no reader attached. It is handed the upstream's answer
-already open (200, an event stream: the create call waited for it), and writes each upstream
-event into the log as `objects` lays it out, until the upstream's final event
-(response.completed / incomplete / failed). A failure on the way (upstream error event, cut
-connection, timeout, the gateway stopping) ends the log with OpenAI's `response.failed`.
+The task is owned by the app (`streams.registry.STREAM_TASKS`) and runs as every generation
+the gateway owns does (`streams.owner`: cancel, shutdown, slot, tokens), so it goes on with no
+reader attached. It is handed the upstream's answer already open (200, an event stream: the
+create call waited for it). The reading, splitting and failure mapping are the streaming
+core's (`gateway.streaming.Pump`, as for the relay and detached streams); this module adds
+the sink that writes each upstream event into the log as `objects` lays it out, until the
+upstream's final event (response.completed / incomplete / failed). A failure on the way
+(an upstream error event, a cut connection, a timeout, a close before the final event, the
+gateway stopping) ends the log with OpenAI's `response.failed`.
 
 It stops (closing the upstream connection: the upstream stops generating) when the log ends
 under it: a cancel or delete from any instance (`EventLog.wait_ended`), or the log's bound.
-
-Kept apart from `streams.generation` (chat chunks into delta/usage/done events) on purpose:
-the two differ in what they parse, not in how they run; both belong on one streaming core.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-import structlog
 from aiohttp import web
 
 from ..exchange import Exchange
 from ..identity import Identity
-from ..limits import LIMITER
-from ..metrics import METRICS
-from ..middlewares.throttle import charge_tokens
-from ..sse import EventSplitter, SSEError, iter_events, parse_event
+from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
-from ..streams.log import DONE, EVENT_LOG, FAIL, EventLog
-from ..usage import USAGE
+from ..streaming import TRUNCATED, Failure, Pump, SinkFailed
+from ..streams import owner
+from ..streams.log import DONE, EVENT_LOG, FAIL
+from ..streams.owner import Ended, Owned
 from ..usage.tap import Usage
 from . import objects
-
-log = structlog.get_logger("gateway.responses")
 
 
 @dataclass(slots=True)
@@ -52,133 +47,112 @@ class Job:
     ex: Exchange  # the generation's own record (model, upstream, attempts, usage)
     resp: aiohttp.ClientResponse  # the upstream's answer: 200, an event stream
     slot: Slot | None
-    seq: int = 0  # the next event's sequence number
-    deltas: int = 0  # output_text deltas logged: the usage of a response cut short
-
-
-class _Ended(Exception):
-    """The log refused an append: cancelled, deleted, or over its bound."""
 
 
 async def run(app: web.Application, job: Job) -> None:
     """Pump into the log until the upstream's final event, a failure, a cancel, or shutdown."""
     events = app[EVENT_LOG]
-    ended = asyncio.ensure_future(events.wait_ended(job.response_id))
-    work = asyncio.ensure_future(_pump(app, events, job))
-    outcome = "completed"
-    try:
-        await asyncio.wait({ended, work}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # the log ended under us: cancel, delete (or expiry)
-            outcome = "cancelled"
-            work.cancel()
-        try:
-            outcome = await work
-        except asyncio.CancelledError:
-            pass
-        except _Ended:
-            outcome = "log_ended"
-        except Exception:
-            outcome = "error"
-            log.exception("response_failed")
-            await _fail_response(events, job, "Internal server error", "internal_error")
-    except asyncio.CancelledError:  # the app is stopping
-        outcome = "shutdown"
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, _Ended):
-            await work
-        await _fail_response(events, job, "The gateway is shutting down", "shutdown")
-        raise
-    finally:
-        ended.cancel()
+
+    async def put(kind: str, data: str) -> None:
+        if await events.append(job.response_id, kind, data) is None:
+            raise Ended
+
+    sink = _ResponseSink(job.base, put)
+
+    async def fail(message: str, _type: str, code: str) -> None:
+        await events.append(
+            job.response_id, FAIL, objects.failed_event(job.base, sink.seq, _error(code, message))
+        )
+
+    def release() -> None:
         if not job.resp.content.at_eof():
             job.resp.close()  # drop the connection: the upstream stops generating
         job.resp.release()
-        await _finish(app, job, outcome)
+
+    owned = Owned(job.response_id, job.client, job.identity, job.ex, job.slot)
+    await owner.run(app, owned, _pump(app, job, sink), fail, name="response", release=release)
 
 
-async def _fail_response(events: EventLog, job: Job, message: str, code: str) -> None:
-    error = {"code": code, "message": message}
-    await events.append(job.response_id, FAIL, objects.failed_event(job.base, job.seq, error))
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
 
 
-async def _finish(app: web.Application, job: Job, outcome: str) -> None:
-    if job.slot is not None:
-        await job.slot.release()
-    usage = job.ex.usage
-    if usage is None and job.deltas:
-        # Cut before the upstream's usage: charge the deltas logged, about a token each.
-        usage = job.ex.usage = Usage(completion_tokens=job.deltas, total_tokens=job.deltas)
-    if usage is not None and METRICS in app:
-        app[METRICS].charge(job.client, usage)  # first: it cannot fail, the store can
-    if USAGE in app:
-        await app[USAGE].record(job.client, usage, streamed=True)
-    if job.identity is not None and usage is not None and LIMITER in app:
-        await charge_tokens(app, job.identity, usage.total_tokens)
-    log.info(
-        "response_ended",
-        response_outcome=outcome,
-        client=job.client,
-        model=job.ex.model,
-        upstream=job.ex.upstream,
-        attempts=job.ex.attempts,
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-    )
+class _Final(Exception):
+    """The upstream's final event is in the log: the response is over."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
 
 
-async def _pump(app: web.Application, events: EventLog, job: Job) -> str:
-    async def put(kind: str, data: str) -> None:
-        if await events.append(job.response_id, kind, data) is None:
-            raise _Ended
-        job.seq += 1
+Put = Callable[[str, str], Awaitable[None]]
 
-    async def fail(error: object) -> None:
-        await put(FAIL, objects.failed_event(job.base, job.seq, error))
 
-    async def take(raw: bytes) -> str | None:
-        """Log one upstream event; the outcome when it was the last."""
-        ev = parse_event(raw)
-        obj = None if ev is None or ev.data is None else _json(ev.data)
-        if obj is None:
-            return None  # a comment, `[DONE]`, or not JSON
-        type_ = objects.event_type(obj, ev.event if ev else None)
-        if type_ is None or type_ == "error":  # OpenAI's stream error: {"type": "error", ...}
-            if type_ is None and "error" not in obj:
-                return None
-            await fail(obj.get("error", obj))
-            return "upstream_error"
-        final = objects.TERMINAL.get(type_)
-        if final is not None:
-            response = obj.get("response")
-            if isinstance(response, dict):
-                job.ex.usage = Usage.from_obj(response.get("usage"))
-            await put(final, objects.ours(obj, type_, job.seq, job.base))
-            return "completed" if final == DONE else "upstream_error"
-        if type_ == "response.output_text.delta":
-            job.deltas += 1
-        await put(type_, objects.ours(obj, type_, job.seq, job.base))
-        return None
+class _ResponseSink:
+    """The background response's `streaming.Sink`: each upstream event, numbered and made
+    ours, becomes a log event; the final one ends the log."""
 
-    splitter = EventSplitter(app[CONFIG].sse.max_event_bytes)
+    __slots__ = ("_base", "_put", "deltas", "ended", "seq", "usage")
+
+    def __init__(self, base: objects.Json, put: Put) -> None:
+        self._base = base
+        self._put = put
+        self.seq = 0  # the next event's sequence number
+        self.deltas = 0  # output_text deltas logged: the usage of a response cut short
+        self.usage: Usage | None = None  # from the upstream's final event
+        self.ended = False
+
+    async def _log(self, kind: str, data: str) -> None:
+        await self._put(kind, data)
+        self.seq += 1
+
+    async def send(self, block: bytes) -> None:
+        for raw in iter_events(block):
+            ev = parse_event(raw)
+            obj = None if ev is None or ev.data is None else _json(ev.data)
+            if obj is None:
+                continue  # a comment, `[DONE]`, or not JSON
+            type_ = objects.event_type(obj, ev.event if ev else None)
+            if type_ is None or type_ == "error":  # OpenAI's stream error: {"type": "error"}
+                if type_ is None and "error" not in obj:
+                    continue
+                error = obj.get("error", obj)
+                raise SinkFailed(Failure("upstream_error", orjson.dumps({"error": error})))
+            final = objects.TERMINAL.get(type_)
+            if final is not None:
+                response = obj.get("response")
+                if isinstance(response, dict):
+                    self.usage = Usage.from_obj(response.get("usage"))
+                self.ended = True
+                await self._log(final, objects.ours(obj, type_, self.seq, self._base))
+                raise _Final("completed" if final == DONE else "upstream_error")
+            if type_ == "response.output_text.delta":
+                self.deltas += 1
+            await self._log(type_, objects.ours(obj, type_, self.seq, self._base))
+
+    async def fail(self, failure: Failure) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        error = orjson.loads(failure.body).get("error")
+        await self._log(FAIL, objects.failed_event(self._base, self.seq, error))
+
+
+async def _pump(app: web.Application, job: Job, sink: _ResponseSink) -> str:
+    # The Responses API ends with its final event and a clean close, not `data: [DONE]`.
+    pump = Pump(app[CONFIG].sse.max_event_bytes, strip=False, require_done=False)
     try:
-        while data := await job.resp.content.readany():
-            for raw in iter_events(splitter.feed(data)):
-                if (outcome := await take(raw)) is not None:
-                    return outcome
-        # The upstream's last event may lack its blank line: complete it rather than drop it.
-        if (rest := splitter.flush()).strip() and (outcome := await take(rest)) is not None:
-            return outcome
-    except TimeoutError:
-        await fail({"code": "upstream_timeout", "message": "upstream timed out"})
-        return "timeout"
-    except SSEError as exc:
-        await fail({"code": "event_too_large", "message": str(exc)})
-        return "upstream_error"
-    except aiohttp.ClientError:
-        await fail({"code": "upstream_disconnected", "message": "upstream connection lost"})
-        return "upstream_error"
-    await fail({"code": "stream_truncated", "message": "upstream ended the stream early"})
-    return "upstream_error"
+        outcome: str = await pump.run(job.resp, sink)
+        if not sink.ended:  # closed before the final event: the reader must not wait on
+            await sink.fail(TRUNCATED)
+            outcome = TRUNCATED.outcome
+        return outcome
+    except _Final as final:
+        return final.outcome
+    finally:
+        # The upstream's usage, else about a token per text delta logged.
+        n = sink.deltas
+        job.ex.usage = sink.usage or (Usage(completion_tokens=n, total_tokens=n) if n else None)
 
 
 def _json(text: str) -> dict[str, Any] | None:

@@ -17,8 +17,6 @@ the relay's own core; this module adds the sink that turns events into log entri
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,17 +30,15 @@ from multidict import CIMultiDict
 from ..errors import GatewayError, error_body
 from ..exchange import Exchange
 from ..identity import Identity
-from ..limits import LIMITER
-from ..metrics import METRICS
-from ..middlewares.throttle import charge_tokens
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
 from ..streaming import Failure, Pump, SinkFailed
 from ..upstream.pool import UPSTREAMS, read_to_end, scrub_key
-from ..usage import USAGE
 from ..usage.tap import Usage
+from . import owner
 from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
 from .log import USAGE as USAGE_EVENT
+from .owner import Ended, Owned
 
 log = structlog.get_logger("gateway.streams")
 
@@ -63,83 +59,23 @@ class Job:
     slot: Slot | None
 
 
-class _Ended(Exception):
-    """The log refused an append: cancelled, or over its bound."""
+def _fail(message: str, type_: str, code: str) -> str:
+    return error_body(message, type_, code).decode()
 
 
 class _Completed(Exception):
     """`data: [DONE]` is in the log as `done`: the generation is over."""
 
 
-def _fail(message: str, type_: str, code: str) -> str:
-    return error_body(message, type_, code).decode()
-
-
 async def run(app: web.Application, job: Job) -> None:
     """Generate into the log until done, failed, cancelled, or the app stops."""
-    # This task's lines lead to the generation's span (its own trace when tracing is on).
-    structlog.contextvars.bind_contextvars(trace_id=job.ex.trace_id, span_id=job.ex.span_id)
     events = app[EVENT_LOG]
-    ended = asyncio.ensure_future(events.wait_ended(job.stream_id))
-    work = asyncio.ensure_future(_generate(app, events, job))
-    outcome = "completed"
-    try:
-        await asyncio.wait({ended, work}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # the log ended under us: DELETE (or expiry)
-            outcome = "cancelled"
-            work.cancel()
-        try:
-            outcome = await work
-        except asyncio.CancelledError:
-            pass
-        except _Ended:
-            outcome = "log_ended"  # over its bound (or cancelled between two appends)
-        except Exception:
-            outcome = "error"
-            log.exception("stream_failed")
-            await events.append(
-                job.stream_id,
-                FAIL,
-                _fail("Internal server error", "server_error", "internal_error"),
-            )
-    except asyncio.CancelledError:  # the app is stopping
-        outcome = "shutdown"
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, _Ended):
-            await work
-        await events.append(
-            job.stream_id,
-            FAIL,
-            _fail("The gateway is shutting down", "service_unavailable", "shutdown"),
-        )
-        raise
-    finally:
-        ended.cancel()
-        await _finish(app, job, outcome)
 
+    async def fail(message: str, type_: str, code: str) -> None:
+        await events.append(job.stream_id, FAIL, _fail(message, type_, code))
 
-async def _finish(app: web.Application, job: Job, outcome: str) -> None:
-    if job.ex.otel is not None:  # first: nothing below may keep the span from ending
-        job.ex.otel.finish(job.ex, outcome)
-    if job.slot is not None:
-        await job.slot.release()
-    usage = job.ex.usage
-    if usage is not None and METRICS in app:
-        app[METRICS].charge(job.client, usage)  # first: it cannot fail, the store can
-    if USAGE in app:
-        await app[USAGE].record(job.client, usage, streamed=True)
-    if job.identity is not None and usage is not None and LIMITER in app:
-        await charge_tokens(app, job.identity, usage.total_tokens)
-    log.info(
-        "stream_ended",
-        stream_outcome=outcome,
-        client=job.client,
-        model=job.ex.model,
-        upstream=job.ex.upstream,
-        attempts=job.ex.attempts,
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-    )
+    owned = Owned(job.stream_id, job.client, job.identity, job.ex, job.slot)
+    await owner.run(app, owned, _generate(app, events, job), fail, name="stream")
 
 
 async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
@@ -147,7 +83,7 @@ async def _generate(app: web.Application, events: EventLog, job: Job) -> str:
 
     async def put(kind: str, data: str) -> None:
         if await events.append(sid, kind, data) is None:
-            raise _Ended
+            raise Ended
 
     try:
         up, resp = await app[UPSTREAMS].open(
