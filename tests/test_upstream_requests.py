@@ -221,3 +221,30 @@ async def test_pass_headers_lets_more_through_but_never_a_credential(
     [got] = seen.headers
     assert got["x-vendor-foo"] == "1"
     assert "x-other" not in got and "x-api-key" not in got
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "9" * 400, "nan"])
+async def test_an_upstream_429_with_an_absurd_retry_after_is_still_relayed_as_a_429(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    value: str,
+) -> None:
+    # float() reads "inf", "1e999" and 400 nines as infinity; math.ceil(inf) raised
+    # OverflowError, and the client got a 500 instead of the upstream's 429.
+    async def throttled(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"error": {"message": "slow down", "type": "rate_limit_error"}},
+            status=429,
+            headers={"Retry-After": value},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", throttled)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, retry={"attempts": 1})
+    async with http.get(f"{gw.url}/v1/models") as r:
+        assert r.status == 429, await r.text()
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["message"] == "slow down"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import fnmatch
+import math
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -463,9 +464,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # float() also reads "inf", "nan" and 400 digits (as inf): no usable hint, and an
+        # infinite one would overflow math.ceil wherever it is turned into a Retry-After.
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
