@@ -95,7 +95,15 @@ def _http_url(v: str) -> URL:
     url = URL(v)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{v!r} is not an http(s) URL")
-    return url.with_path(url.path.rstrip("/"))
+    # Nothing the upstream would not get: aiohttp refuses credentials in a URL beside the
+    # Authorization header (every request was a 500), and the path is rebuilt per request,
+    # which dropped a query or fragment without a word. Not echoed: it may hold a password.
+    if url.raw_user is not None or url.raw_password is not None:
+        raise ValueError("must not hold credentials (user:password@); use api_key")
+    if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
+        raise ValueError("must not have a query or fragment: the gateway sends none upstream")
+    # The path as written (a %2F stays encoded): requests append to its raw form.
+    return url.with_path(url.raw_path.rstrip("/"), encoded=True)
 
 
 def _redis_url(v: str) -> str:

@@ -19,11 +19,13 @@ import structlog
 from .config import Config, LoggingConfig
 
 # Gateway keys (gw-...), OpenAI-style keys (sk-...), bearer tokens and JWTs (three base64url
-# parts, the first starting with eyJ).
+# parts, the first starting with eyJ). A JWT starts where no base64url character precedes it:
+# with `\b` every "-eyJ" inside one long run was a start scanning to the run's end, quadratic
+# in a client's value (a 64 KB model name held the event loop for seconds).
 _SECRET = re.compile(
     r"(?:\bgw-[A-Za-z0-9_\-]{8,})"
     r"|(?:\bsk-[A-Za-z0-9_\-]{8,})"
-    r"|(?:\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)"
+    r"|(?:(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)"
     r"|(?:(?<=Bearer )[^\s\"',]+)",
     re.IGNORECASE,
 )

@@ -222,8 +222,9 @@ def _peer_allowed(
 
 # Headers a reverse proxy adds to what it relays. Behind nginx every peer is 127.0.0.1, so the
 # peer allow-list alone would serve the metrics to the world through the proxy; a scrape is
-# never relayed, so a request carrying one of these is refused whatever its peer.
-_PROXIED = (hdrs.X_FORWARDED_FOR, hdrs.FORWARDED)
+# never relayed, so a request carrying one of these is refused whatever its peer: X-Real-IP
+# (the one some nginx setups add alone) and Via (RFC 9110 7.6.3: every proxy adds it) too.
+_PROXIED = (hdrs.X_FORWARDED_FOR, hdrs.FORWARDED, "X-Real-IP", hdrs.VIA)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

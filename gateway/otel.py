@@ -47,6 +47,7 @@ from opentelemetry.util.types import Attributes
 from yarl import URL
 
 from .config import TracingConfig
+from .middlewares.tracing import loggable_path
 from .state import CLIENT_IP
 
 if TYPE_CHECKING:
@@ -286,7 +287,9 @@ class Tracing:
             )
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
-        attrs: dict[str, str] = {"http.request.method": request.method, "url.path": request.path}
+        # A detached stream's id is its credential: cut to a prefix, as the access line does.
+        path = loggable_path(request.path)
+        attrs: dict[str, str] = {"http.request.method": request.method, "url.path": path}
         if route is not None:
             attrs["http.route"] = route
         self._ids.trace_id, self._ids.span_id = int(ex.trace_id, 16), int(ex.span_id, 16)

@@ -186,10 +186,9 @@ async def _relay(
 
 
 async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) -> web.Response:
-    data = await read_to_end(resp, MAX_JSON_BYTES)
-    if resp.status >= 400:
-        # Relayed "as sent", but never with the upstream's key in it.
-        data = scrub_key(data, api_key)
+    # Relayed "as sent", but never with the upstream's key in it: whatever the status (an
+    # echoing upstream's 200, a redirect relayed and not followed, an error quoting it).
+    data = scrub_key(await read_to_end(resp, MAX_JSON_BYTES), api_key)
     content_type = resp.content_type or "application/json"
     if resp.status == 200:
         # Every /v1 route answers a JSON object on success: parsed anyway for usage, and

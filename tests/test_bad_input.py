@@ -323,6 +323,11 @@ AUTH_HEADERS = {
     "jwt-with-none-alg": b"Authorization: Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ0ZXN0ZXIifQ.\r\n",
     "jwt-garbage-segments": b"Authorization: Bearer e.y.J\r\n",
     "jwt-bad-base64": b"Authorization: Bearer eyJ%%%.eyJ%%%.sig\r\n",
+    # Two dots make it a JWT; a byte that is not UTF-8 made PyJWT's encode() raise
+    # UnicodeEncodeError, which is no PyJWTError: a 500 and a traceback per request.
+    "jwt-obs-text-payload": b"Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.\xff.x\r\n",
+    "jwt-obs-text-header": b"Authorization: Bearer \xff\xfe.eyJ.x\r\n",
+    "jwt-obs-text-signature": b"Authorization: Bearer a.b.\xff\r\n",
     "huge-token": b"Authorization: Bearer " + b"a" * 8000 + b"\r\n",
     "token-over-header-limit": b"Authorization: Bearer " + b"a" * 9000 + b"\r\n",
     "x-api-key-empty": b"x-api-key: \r\n",

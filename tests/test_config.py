@@ -261,3 +261,22 @@ def test_an_algorithm_that_does_not_fit_the_public_key_is_a_config_error(tmp_pat
 
 def test_require_exp_defaults_to_true() -> None:
     assert config.parse(MINIMAL, env={}).auth.jwt.require_exp is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:pw@127.0.0.1:9/v1",  # aiohttp refuses URL credentials with a header:
+        "http://user@127.0.0.1:9/v1",  # every request was a 500
+        "https://x.example/openai?api-version=2024-02-01",  # silently dropped
+        "http://127.0.0.1:9/v1#frag",  # silently dropped
+    ],
+)
+def test_a_base_url_part_the_gateway_would_not_send_is_a_config_error(url: str) -> None:
+    found = problems(f'[[upstreams]]\nname = "a"\nbase_url = "{url}"\n')
+    assert any(p.startswith("upstreams[0].base_url: ") for p in found), found
+
+
+def test_a_base_url_path_is_kept_as_written() -> None:
+    text = '[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:9/a%2Fb/v1/"\n'
+    assert config.parse(text, env={}).upstreams[0].base_url.raw_path == "/a%2Fb/v1"

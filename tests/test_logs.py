@@ -119,3 +119,33 @@ async def test_no_secret_reaches_any_log_line_during_requests(
     assert "[REDACTED]" in text
     for secret in secrets:
         assert secret not in text, "a secret reached the logs"
+
+
+def test_a_value_full_of_jwt_starts_is_scrubbed_in_linear_time() -> None:
+    # Every "-eyJ" was a place the JWT pattern started, each scanning to the end of the run:
+    # quadratic, so a 64 KB value held the event loop for seconds.
+    hostile = "-eyJ" * 16000
+    start = time.perf_counter()
+    assert logs.Redactor().scrub(hostile, "model") == hostile
+    assert time.perf_counter() - start < 1.0
+    token = jwt.encode({"sub": "x"}, "s" * 32, algorithm="HS256")
+    assert token not in logs.Redactor().scrub(f"{hostile} {token} (sent)", "detail")
+
+
+async def test_a_huge_model_name_does_not_stall_the_access_line(
+    captured: io.StringIO,
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(upstream.url)
+    model = "-eyJ" * 16000  # 64 KB, well under max_body_bytes; the access line logs it
+    start = time.perf_counter()
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(stream=False, model=model)
+    ) as r:
+        await r.read()
+    elapsed = time.perf_counter() - start
+    lines = [orjson.loads(line) for line in captured.getvalue().splitlines()]
+    assert any(e.get("event") == "access" and e.get("model") == model for e in lines)
+    assert elapsed < 2.0, f"one request took {elapsed:.1f} s (the access line's redaction)"

@@ -205,3 +205,15 @@ async def test_redis_up_follows_redis_and_is_absent_without_it(
     async with asyncio.timeout(30):
         while (await scrape(http, gw))[("gateway_redis_up", frozenset())] != 1.0:
             await asyncio.sleep(0.1)
+
+
+async def test_metrics_are_refused_through_a_proxy_that_sends_only_x_real_ip_or_via(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # `proxy_set_header X-Real-IP $remote_addr;` alone is a common nginx setup, and Via is
+    # the header RFC 9110 (7.6.3) has every proxy add: either one marks a relayed request.
+    gw = await gateway_factory("http://127.0.0.1:9/v1")
+    for header, value in (("X-Real-IP", "203.0.113.9"), ("Via", "1.1 proxy.example")):
+        async with http.get(f"{gw.url}/metrics", headers={header: value}) as resp:
+            assert resp.status == 403, header
+            assert "gateway_requests_total" not in await resp.text()

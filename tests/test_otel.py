@@ -509,3 +509,29 @@ async def test_a_detached_generation_follows_an_unsampled_request(
     # Only the reader's GET (a trace of its own) and the marker: no POST, no generation.
     names = sorted(s.name for s in otlp_receiver.spans)
     assert names == ["GET /healthz", "GET /v1/streams/{id}"]
+
+
+async def test_a_detached_streams_id_is_not_exported_in_spans(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    otlp_receiver: OTLPReceiver,
+    http: aiohttp.ClientSession,
+) -> None:
+    # The id is the only credential GET and DELETE /v1/streams/{id} ask for: the access
+    # line keeps a prefix of it, and the SERVER span's url.path had it whole, exported to
+    # the collector (often another party's).
+    gw = await gateway_factory(upstream.url, **_traced(otlp_receiver))
+    async with http.post(f"{gw.url}/v1/streams", json=chat_body()) as r:
+        assert r.status == 201
+        url = (await r.json())["url"]
+    stream_id = url.rsplit("/", 1)[1]
+    async with http.get(f"{gw.url}{url}") as r:
+        assert "done" in await r.text()
+    async with asyncio.timeout(30):
+        while not any(s.name == "GET /v1/streams/{id}" for s in otlp_receiver.spans):
+            await _flush(gw)
+            await asyncio.sleep(0.05)
+    (get,) = [s for s in otlp_receiver.spans if s.name == "GET /v1/streams/{id}"]
+    assert get.attrs["url.path"].startswith("/v1/streams/")
+    for span in otlp_receiver.spans:
+        assert stream_id not in json.dumps(span.attrs, default=str), span.name

@@ -11,6 +11,7 @@ import structlog
 
 from .conftest import GatewayFactory, StartUpstream, Upstream, chat_body
 from .faulty import Faulty, Step, dead_url
+from .gates import Gates, open_stream
 
 FAST = {"backoff_initial": 0.001, "backoff_max": 0.4}
 
@@ -345,3 +346,30 @@ async def test_no_retry_once_the_first_byte_reached_the_client(
         body = await resp.read()
     assert body.count(b"data: ") == 3 and b'"error"' in body.split(b"\n\n")[-2]
     assert upstream.state.requests["/v1/chat/completions"] == 1
+
+
+async def test_waiting_for_a_local_connection_slot_never_opens_the_breaker(
+    gates: tuple[Gates, Upstream], gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    # All max_connections held by a healthy upstream's long stream: a request that waited
+    # first_byte_timeout for a slot of ours was given to the breaker as the upstream's
+    # timeout, and opened it: the healthy upstream was refused for the whole cooldown.
+    g, up = gates
+    gw = await gateway_factory(
+        up.url,
+        retry={"attempts": 1},
+        breaker={"failure_threshold": 1, "cooldown": 600},
+        upstreams=[{"max_connections": 1, "first_byte_timeout": 0.3}],
+    )
+    held = await open_stream(http, gw.url, "long")
+    assert held.status == 200
+    url = f"{gw.url}/v1/chat/completions"
+    async with http.post(url, json=chat_body(stream=False)) as r:
+        assert r.status == 504  # no slot within first_byte_timeout
+    g.gates["long"].set()
+    assert (await held.read()).endswith(b"data: [DONE]\n\n")
+    held.release()
+    async with http.post(url, json=chat_body(stream=False)) as r:
+        assert r.status == 200, await r.text()
+    async with http.get(f"{gw.url}/metrics") as r:
+        assert 'gateway_breaker_state{upstream="mock"} 0.0' in await r.text()

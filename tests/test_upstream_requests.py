@@ -221,3 +221,56 @@ async def test_pass_headers_lets_more_through_but_never_a_credential(
     [got] = seen.headers
     assert got["x-vendor-foo"] == "1"
     assert "x-other" not in got and "x-api-key" not in got
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "9" * 400, "nan"])
+async def test_an_upstream_429_with_an_absurd_retry_after_is_still_relayed_as_a_429(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    value: str,
+) -> None:
+    # float() reads "inf", "1e999" and 400 nines as infinity; math.ceil(inf) raised
+    # OverflowError, and the client got a 500 instead of the upstream's 429.
+    async def throttled(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"error": {"message": "slow down", "type": "rate_limit_error"}},
+            status=429,
+            headers={"Retry-After": value},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", throttled)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, retry={"attempts": 1})
+    async with http.get(f"{gw.url}/v1/models") as r:
+        assert r.status == 429, await r.text()
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["message"] == "slow down"
+
+
+@pytest.mark.parametrize("status", [200, 302, 308])
+async def test_an_answer_quoting_the_upstream_key_never_carries_it_whatever_its_status(
+    gateway_factory: GatewayFactory,
+    start_upstream: StartUpstream,
+    http: aiohttp.ClientSession,
+    status: int,
+) -> None:
+    # Only answers of 400 and up were scrubbed: a redirect (relayed as sent, never followed)
+    # or a 200 echoing the request's Authorization put our upstream key in the client's hands.
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        body = {"object": "model", "id": "m", "seen": request.headers.get("Authorization")}
+        headers = {"Location": "https://elsewhere.example/"} if status != 200 else {}
+        return web.json_response(body, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, retry={"attempts": 1})
+    async with http.get(f"{gw.url}/v1/models/m", allow_redirects=False) as r:
+        assert r.status == status
+        body = await r.read()
+    assert b"seen" in body
+    assert UPSTREAM_KEY.encode() not in body

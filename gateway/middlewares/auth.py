@@ -59,6 +59,10 @@ _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 
 
 def _by_jwt(policy: Policy, rules: JWTPolicy, token: str) -> Identity:
+    # A JWT is base64url and dots. A header byte that is not UTF-8 arrives as a surrogate,
+    # on which PyJWT's encode() raises UnicodeEncodeError (no PyJWTError): a 500, otherwise.
+    if not token.isascii():
+        raise Unauthorized("Invalid token: malformed token", code="invalid_token")
     try:
         alg = jwt.get_unverified_header(token).get("alg")
         key = rules.keys.get(alg) if isinstance(alg, str) else None

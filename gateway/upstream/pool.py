@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import fnmatch
+import math
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -318,6 +319,11 @@ class UpstreamPool:
         """One try at one upstream, with its verdict given to the breaker and the metrics."""
         try:
             resp = await self._send(up, method, path, body, headers)
+        except SlotsBusy:
+            # Nothing was sent: our own max_connections were all in use, which says nothing
+            # of the upstream's health (a healthy one serving long streams fills them).
+            up.breaker.abandon(admission)
+            raise
         except UpstreamTimeout:
             self._verdict(up, admission, "timeout", loop.time())
             raise
@@ -399,10 +405,12 @@ class UpstreamPool:
     ) -> aiohttp.ClientResponse:
         url = up.url(path)
         sent = up.outgoing(headers)
+        slotted = False
         try:
             # first_byte_timeout bounds the wait for a connection slot too.
             async with asyncio.timeout(up.cfg.first_byte_timeout):
                 await up.slots.acquire()
+                slotted = True
                 try:
                     # A redirect is relayed as sent, never followed: following it would
                     # carry the upstream's key wherever the Location points.
@@ -418,12 +426,19 @@ class UpstreamPool:
                     up.slots.release()
                     raise
         except TimeoutError as exc:
+            if not slotted:
+                raise SlotsBusy(f"upstream {up.name} timed out (its connections busy)") from exc
             raise UpstreamTimeout(f"upstream {up.name} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
         if not on_connection_release(resp, up.slots.release):
             up.slots.release()  # the whole body was read already and the connection went back
         return resp
+
+
+class SlotsBusy(UpstreamTimeout):
+    """No connection slot of the upstream's `max_connections` came free within its
+    first_byte_timeout (504): nothing was sent, so no verdict on the upstream."""
 
 
 class AnswerTooLarge(UpstreamError):
@@ -467,9 +482,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # float() also reads "inf", "nan" and 400 digits (as inf): no usable hint, and an
+        # infinite one would overflow math.ceil wherever it is turned into a Retry-After.
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
