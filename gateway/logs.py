@@ -162,3 +162,16 @@ def configure(
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True  # we write our own access line
     return redact
+
+
+# A detached stream's id is its only credential (GET and DELETE need nothing else): a log
+# line or a span keeps a prefix, enough to match lines of one stream, not enough to use it.
+_STREAM_PATH = "/v1/streams/"
+_ID_PREFIX = 8
+
+
+def loggable_path(path: str) -> str:
+    """The path as the access line shows it: a detached stream's id cut to its prefix."""
+    if path.startswith(_STREAM_PATH) and len(path) > len(_STREAM_PATH) + _ID_PREFIX:
+        return path[: len(_STREAM_PATH) + _ID_PREFIX] + "\u2026"
+    return path

@@ -47,7 +47,7 @@ from opentelemetry.util.types import Attributes
 from yarl import URL
 
 from .config import TracingConfig
-from .middlewares.tracing import loggable_path
+from .logs import loggable_path
 from .state import CLIENT_IP
 
 if TYPE_CHECKING:

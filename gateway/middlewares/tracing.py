@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
+from ..logs import loggable_path
 from ..state import CLIENT_IP, EXCHANGE, FINISHED, STARTED
 from .headers import apply_response_headers
 
@@ -30,17 +31,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-# A detached stream's id is its only credential (GET and DELETE need nothing else): the
-# access line keeps a prefix, enough to match lines of one stream, not enough to use it.
-_STREAM_PATH = "/v1/streams/"
-_ID_PREFIX = 8
-
-
-def loggable_path(path: str) -> str:
-    """The path as the access line shows it: a detached stream's id cut to its prefix."""
-    if path.startswith(_STREAM_PATH) and len(path) > len(_STREAM_PATH) + _ID_PREFIX:
-        return path[: len(_STREAM_PATH) + _ID_PREFIX] + "\u2026"
-    return path
 
 
 def _trace(header: str | None, fresh: str) -> tuple[str, str | None, str]:
