@@ -343,3 +343,27 @@ async def test_a_secret_added_by_sighup_is_masked_in_the_logs(
     assert old_secret not in everything and new_secret not in everything
     gw.send(signal.SIGTERM)
     assert await gw.wait_exit() == 0
+
+
+async def test_sigterm_while_the_workers_are_still_starting_exits_0(
+    spawn: Spawn, start_upstream: StartUpstream
+) -> None:
+    # systemd stops the unit while it is still starting (or the supervisor gets TERM as it
+    # spawns the workers): the TERM it forwards reaches workers whose interpreter has not
+    # installed any handler yet, so they die of the signal. Nothing ran there to be lost;
+    # that is a clean stop, not a failed unit.
+    up = await start_upstream(_mock(chunks=2))
+    port = free_port()
+    text = config_text(
+        up.url,
+        server={"port": port, "workers": 2},
+        limits={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+    )
+    gw = await spawn(text, listening=False)
+    gw.port = port
+    await gw.wait_log("worker_started", count=2)
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
+    started = [e["pid"] for e in gw.events("worker_started")]
+    assert all(not _alive(pid) for pid in started)
+    assert not gw.events("listening")  # they were stopped before serving (the case here)
