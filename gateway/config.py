@@ -98,9 +98,23 @@ def _http_url(v: str) -> URL:
     return url.with_path(url.path.rstrip("/"))
 
 
+def redacted_url(v: str) -> str:
+    """`v` without its password (in the userinfo, or redis-py's `password` query argument):
+    the form a message or a log line may show."""
+    try:
+        u = URL(v)
+        if u.password:
+            u = u.with_password("***")
+        if "password" in u.query:
+            u = u.update_query(password="***")
+        return str(u)
+    except ValueError:  # not even a URL: nothing of it is shown
+        return "the URL"
+
+
 def _redis_url(v: str) -> str:
     if URL(v).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"{v!r} is not a redis:// URL")
+        raise ValueError(f"{redacted_url(v)!r} is not a redis:// URL")
     return v
 
 
