@@ -94,7 +94,7 @@ def _networks(v: list[str]) -> tuple[Network, ...]:
 def _http_url(v: str) -> URL:
     url = URL(v)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{v!r} is not an http(s) URL")
+        raise ValueError(f"{redacted_url(v)!r} is not an http(s) URL")
     return url.with_path(url.path.rstrip("/"))
 
 
@@ -208,7 +208,9 @@ def _jwt_algorithms(v: list[str]) -> tuple[str, ...]:
 def _otlp_url(v: str) -> str:
     # "" turns tracing off; otherwise the full OTLP/HTTP traces URL (path included).
     if v and (URL(v).scheme not in ("http", "https") or not URL(v).host):
-        raise ValueError(f"{v!r} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)")
+        raise ValueError(
+            f"{redacted_url(v)!r} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)"
+        )
     return v
 
 

@@ -261,3 +261,23 @@ def test_an_algorithm_that_does_not_fit_the_public_key_is_a_config_error(tmp_pat
 
 def test_require_exp_defaults_to_true() -> None:
     assert config.parse(MINIMAL, env={}).auth.jwt.require_exp is True
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "url"),
+    [
+        ("limits", "redis_url", "redis-tls://:UrlPass99@127.0.0.1:6379/0"),
+        ("limits", "redis_url", "rediss+x://127.0.0.1:6379/0?password=UrlPass99"),
+        ("upstreams", "base_url", "htps://proxyuser:UrlPass99@proxy.example/v1"),
+        ("tracing", "endpoint", "htps://u:UrlPass99@collector.example/v1/traces"),
+    ],
+)
+def test_a_refused_url_is_quoted_without_its_password(section: str, key: str, url: str) -> None:
+    # The problems go to check-config's output and to a refused reload's log line.
+    if section == "upstreams":
+        text = '[[upstreams]]\nname = "a"\nbase_url = "${U}"\n'
+    else:
+        text = MINIMAL + f'[{section}]\n{key} = "${{U}}"\n'
+    found = problems(text, env={"U": url})
+    assert any(f"{section}" in p and key in p and "is not a" in p for p in found), found
+    assert not any("UrlPass99" in p for p in found)
