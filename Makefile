@@ -113,6 +113,14 @@ INSTANCES ?=
 BASE_PORT ?= 8081
 READY_TIMEOUT ?= 60
 INSTANCE_PORTS = $(if $(INSTANCES),$(shell seq $(BASE_PORT) $$(( $(BASE_PORT) + $(INSTANCES) - 1 ))))
+# Instances running or enabled that this install does not want (fewer instances, or back to
+# one unit): stopped and disabled once nginx sends elsewhere.
+STOP_LEFTOVERS = for port in $$( { $(SYSTEMCTL) list-units --plain --no-legend --state=active \
+	  'gateway@*.service' 2>/dev/null | sed -n 's/^gateway@\([0-9]*\)\.service.*/\1/p'; \
+	  echo $(patsubst gateway@%.service,%,$(notdir $(wildcard \
+	    $(D)$(UNIT_DIR)/*.wants/gateway@*.service))); } | tr ' ' '\n' | sort -u); do \
+	  case " $(INSTANCE_PORTS) " in *" $$port "*) ;; \
+	    *) $(SYSTEMCTL) disable --now gateway@$$port || true;; esac; done
 # What `events` gets instead of Debian's worker_connections 768 (two connections a stream).
 NGINX_WORKER_CONNECTIONS ?= 8192
 ifeq ($(DESTDIR),)
@@ -219,6 +227,7 @@ install-service:
 	    $(SYSTEMCTL) disable --now gateway.service || true; rm -f $(D)$(UNIT_DIR)/gateway.service; fi; \
 	  for port in $(INSTANCE_PORTS); do $(SYSTEMCTL) enable gateway@$$port; done; \
 	  $(SYSTEMCTL) reload-or-restart nginx; \
+	  $(STOP_LEFTOVERS); \
 	  $(MAKE) -s rolling-restart RUNNING_PORTS="$(INSTANCE_PORTS)" SYSTEMCTL='$(SYSTEMCTL)' \
 	    READY_CHECK='$(if $(D),true,)' || exit 1; \
 	else \
@@ -227,6 +236,9 @@ install-service:
 	  $(SYSTEMCTL) enable gateway; \
 	  $(SYSTEMCTL) restart gateway; \
 	  $(SYSTEMCTL) reload-or-restart nginx; \
+	  $(STOP_LEFTOVERS); \
+	  if [ -e $(D)$(UNIT_DIR)/gateway@.service ]; then \
+	    rm -f $(D)$(UNIT_DIR)/gateway@.service; $(SYSTEMCTL) daemon-reload; fi; \
 	fi; \
 	: "Keep the new release and the one before it (to go back by hand)."; \
 	ls -1dt $(D)$(PREFIX)/releases/*/ | tail -n +3 | xargs -r rm -rf; \

@@ -71,6 +71,8 @@ def test_install_service_lays_out_a_release_unit_site_and_private_files(stage: S
         "systemctl enable gateway",
         "systemctl restart gateway",
         "systemctl reload-or-restart nginx",
+        # gateway@ instances left from an INSTANCES=N install: stopped (none here).
+        "systemctl list-units --plain --no-legend --state=active gateway@*.service",
     ]
 
 
