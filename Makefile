@@ -113,6 +113,14 @@ INSTANCES ?=
 BASE_PORT ?= 8081
 READY_TIMEOUT ?= 60
 INSTANCE_PORTS = $(if $(INSTANCES),$(shell seq $(BASE_PORT) $$(( $(BASE_PORT) + $(INSTANCES) - 1 ))))
+# Instances running or enabled that this install does not want (fewer instances, or back to
+# one unit): stopped and disabled once nginx sends elsewhere.
+STOP_LEFTOVERS = for port in $$( { $(SYSTEMCTL) list-units --plain --no-legend --state=active \
+	  'gateway@*.service' 2>/dev/null | sed -n 's/^gateway@\([0-9]*\)\.service.*/\1/p'; \
+	  echo $(patsubst gateway@%.service,%,$(notdir $(wildcard \
+	    $(D)$(UNIT_DIR)/*.wants/gateway@*.service))); } | tr ' ' '\n' | sort -u); do \
+	  case " $(INSTANCE_PORTS) " in *" $$port "*) ;; \
+	    *) $(SYSTEMCTL) disable --now gateway@$$port || true;; esac; done
 # What `events` gets instead of Debian's worker_connections 768 (two connections a stream).
 NGINX_WORKER_CONNECTIONS ?= 8192
 ifeq ($(DESTDIR),)
@@ -136,6 +144,11 @@ D := $(DESTDIR)
 NG := $(D)$(NGINX_DIR)
 SITE_FILES := $(NG)/sites-available/gateway $(NG)/gateway/proxy.conf
 SITE_CHECK := $(foreach f,$(SITE_FILES),--site $(f))
+# Every file install-service changes under /etc/nginx: saved before the first change and put
+# back (or removed, when it did not exist) if `nginx -t` refuses the result.
+NGINX_FILES := $(SITE_FILES) $(NG)/modules-enabled/90-gateway-limits.conf $(NG)/nginx.conf \
+	$(NG)/sites-enabled/gateway $(NG)/sites-enabled/default $(NG)/gateway/local.conf \
+	$(NG)/gateway/default-site-was-enabled
 ROOT_ONLY = @test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "$@: run as root"; exit 1; }
 
 # Install or upgrade. A new release's venv is built beside the running one and checked (config
@@ -152,8 +165,10 @@ install-service:
 	SRC=$$(mktemp -d); \
 	fail() { echo "install-service: $$1; the installed service is unchanged" >&2; \
 	  rm -rf "$$NEW" "$$SRC"; restore_site; exit 1; }; \
-	restore_site() { for f in $(SITE_FILES); do \
-	  if [ -e "$$f.gateway-old" ]; then mv -f "$$f.gateway-old" "$$f"; fi; done; }; \
+	NGINX_SAVED=; \
+	restore_site() { test -n "$$NGINX_SAVED" || return 0; i=0; for f in $(NGINX_FILES); do \
+	  i=$$((i + 1)); if [ -e "$$NGINX_SAVED/$$i" ] || [ -L "$$NGINX_SAVED/$$i" ]; then \
+	  mv -fT "$$NGINX_SAVED/$$i" "$$f"; else rm -f "$$f"; fi; done; rm -rf "$$NGINX_SAVED"; }; \
 	echo "install-service: building $$NEW"; \
 	cp -r gateway setup.cfg pyproject.toml README.md "$$SRC"/; \
 	$(SERVICE_VENV) "$$NEW" || fail "venv failed"; \
@@ -180,10 +195,13 @@ install-service:
 	$(CTL) check --gateway "$$NEW/bin/gateway" --config $(D)$(ETC)/config.toml \
 	  --env-file $(D)$(ETC)/gateway.env --user '$(CHECK_USER)' $$PORTS_CHECK \
 	  --site "$$SITE_SRC" --site systemd/nginx-proxy.conf || fail "check failed"; \
-	: "nginx: our site and snippet are replaced (kept aside until nginx -t passes); the"; \
-	: "operator's local.conf (TLS, names, public listeners) is installed once."; \
+	: "nginx: our site and snippet are replaced (what was there kept aside, outside nginx's"; \
+	: "include globs, until nginx -t passes); the operator's local.conf (TLS, names, public"; \
+	: "listeners) is installed once."; \
 	install -d -m 0755 $(NG)/gateway $(NG)/sites-available $(NG)/sites-enabled $(NG)/modules-enabled; \
-	for f in $(SITE_FILES); do if [ -e "$$f" ]; then cp -p "$$f" "$$f.gateway-old"; fi; done; \
+	SAVE=$$(mktemp -d); trap 'rm -f "$$SITE_SRC"; rm -rf "$$SAVE"' EXIT; i=0; for f in $(NGINX_FILES); do i=$$((i + 1)); \
+	  if [ -e "$$f" ] || [ -L "$$f" ]; then cp -P -p "$$f" "$$SAVE/$$i"; fi; done; \
+	NGINX_SAVED=$$SAVE; \
 	install -m 0644 systemd/nginx-proxy.conf $(NG)/gateway/proxy.conf; \
 	install -m 0644 "$$SITE_SRC" $(NG)/sites-available/gateway; \
 	test -e $(NG)/gateway/local.conf || install -m 0644 systemd/nginx-local.conf $(NG)/gateway/local.conf; \
@@ -196,7 +214,7 @@ install-service:
 	  readlink $(NG)/sites-enabled/default > $(NG)/gateway/default-site-was-enabled; \
 	  rm $(NG)/sites-enabled/default; fi; \
 	$(NGINX) -t || fail "nginx -t failed with the new site"; \
-	for f in $(SITE_FILES); do rm -f "$$f.gateway-old"; done; \
+	rm -rf "$$NGINX_SAVED"; NGINX_SAVED=; \
 	: "Switch: the venv symlink (an old-style venv directory becomes a release)."; \
 	if [ -d $(D)$(PREFIX)/venv ] && [ ! -L $(D)$(PREFIX)/venv ]; then \
 	  mv $(D)$(PREFIX)/venv $(D)$(PREFIX)/releases/legacy-$$$$; fi; \
@@ -209,6 +227,7 @@ install-service:
 	    $(SYSTEMCTL) disable --now gateway.service || true; rm -f $(D)$(UNIT_DIR)/gateway.service; fi; \
 	  for port in $(INSTANCE_PORTS); do $(SYSTEMCTL) enable gateway@$$port; done; \
 	  $(SYSTEMCTL) reload-or-restart nginx; \
+	  $(STOP_LEFTOVERS); \
 	  $(MAKE) -s rolling-restart RUNNING_PORTS="$(INSTANCE_PORTS)" SYSTEMCTL='$(SYSTEMCTL)' \
 	    READY_CHECK='$(if $(D),true,)' || exit 1; \
 	else \
@@ -217,6 +236,9 @@ install-service:
 	  $(SYSTEMCTL) enable gateway; \
 	  $(SYSTEMCTL) restart gateway; \
 	  $(SYSTEMCTL) reload-or-restart nginx; \
+	  $(STOP_LEFTOVERS); \
+	  if [ -e $(D)$(UNIT_DIR)/gateway@.service ]; then \
+	    rm -f $(D)$(UNIT_DIR)/gateway@.service; $(SYSTEMCTL) daemon-reload; fi; \
 	fi; \
 	: "Keep the new release and the one before it (to go back by hand)."; \
 	ls -1dt $(D)$(PREFIX)/releases/*/ | tail -n +3 | xargs -r rm -rf; \

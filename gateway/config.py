@@ -94,7 +94,7 @@ def _networks(v: list[str]) -> tuple[Network, ...]:
 def _http_url(v: str) -> URL:
     url = URL(v)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{v!r} is not an http(s) URL")
+        raise ValueError(f"{redacted_url(v)!r} is not an http(s) URL")
     # Nothing the upstream would not get: aiohttp refuses credentials in a URL beside the
     # Authorization header (every request was a 500), and the path is rebuilt per request,
     # which dropped a query or fragment without a word. Not echoed: it may hold a password.
@@ -106,9 +106,23 @@ def _http_url(v: str) -> URL:
     return url.with_path(url.raw_path.rstrip("/"), encoded=True)
 
 
+def redacted_url(v: str) -> str:
+    """`v` without its password (in the userinfo, or redis-py's `password` query argument):
+    the form a message or a log line may show."""
+    try:
+        u = URL(v)
+        if u.password:
+            u = u.with_password("***")
+        if "password" in u.query:
+            u = u.update_query(password="***")
+        return str(u)
+    except ValueError:  # not even a URL: nothing of it is shown
+        return "the URL"
+
+
 def _redis_url(v: str) -> str:
     if URL(v).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"{v!r} is not a redis:// URL")
+        raise ValueError(f"{redacted_url(v)!r} is not a redis:// URL")
     return v
 
 
@@ -202,7 +216,9 @@ def _jwt_algorithms(v: list[str]) -> tuple[str, ...]:
 def _otlp_url(v: str) -> str:
     # "" turns tracing off; otherwise the full OTLP/HTTP traces URL (path included).
     if v and (URL(v).scheme not in ("http", "https") or not URL(v).host):
-        raise ValueError(f"{v!r} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)")
+        raise ValueError(
+            f"{redacted_url(v)!r} is not an http(s) URL (e.g. http://127.0.0.1:4318/v1/traces)"
+        )
     return v
 
 

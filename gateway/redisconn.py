@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
-from .config import LimitsConfig
+from .config import LimitsConfig, redacted_url
 from .errors import Unavailable
 
 # What the backends call commands on: one server, the master a Sentinel names, or a Cluster.
@@ -63,8 +63,7 @@ class RedisUnavailable(Unavailable):
 
 def redacted(url: str) -> str:
     """The URL without its password, for log lines."""
-    u = URL(url)
-    return str(u.with_password("***")) if u.password else url
+    return redacted_url(url)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ import orjson
 from aiohttp import web
 
 from . import validation
-from .errors import BadRequest, Forbidden, NotFound, UpstreamError
+from .errors import BadRequest, Forbidden, NotFound, UpstreamError, UpstreamTimeout
 from .exchange import Exchange
 from .metrics import METRICS
-from .process.drain import DRAIN
+from .process.drain import DRAIN, ShuttingDown
 from .state import CONFIG, EXCHANGE, IDENTITY
 from .streaming import Failure, Pump
 from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers, scrub_key
@@ -186,9 +186,16 @@ async def _relay(
 
 
 async def _relay_json(ex: Exchange, resp: aiohttp.ClientResponse, api_key: str) -> web.Response:
+    try:
+        data = await read_to_end(resp, MAX_JSON_BYTES)
+    except ShuttingDown as exc:
+        # The grace ran out while the answer was arriving: its work was done upstream, so
+        # no 503 (a proxy passes a 503 on to the next instance, POST included, and the
+        # generation would run again there): 504, for the client to decide.
+        raise UpstreamTimeout(exc.message, code=exc.code) from None
     # Relayed "as sent", but never with the upstream's key in it: whatever the status (an
     # echoing upstream's 200, a redirect relayed and not followed, an error quoting it).
-    data = scrub_key(await read_to_end(resp, MAX_JSON_BYTES), api_key)
+    data = scrub_key(data, api_key)
     content_type = resp.content_type or "application/json"
     if resp.status == 200:
         # Every /v1 route answers a JSON object on success: parsed anyway for usage, and

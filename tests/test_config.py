@@ -280,3 +280,23 @@ def test_a_base_url_part_the_gateway_would_not_send_is_a_config_error(url: str) 
 def test_a_base_url_path_is_kept_as_written() -> None:
     text = '[[upstreams]]\nname = "a"\nbase_url = "http://127.0.0.1:9/a%2Fb/v1/"\n'
     assert config.parse(text, env={}).upstreams[0].base_url.raw_path == "/a%2Fb/v1"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "url"),
+    [
+        ("limits", "redis_url", "redis-tls://:UrlPass99@127.0.0.1:6379/0"),
+        ("limits", "redis_url", "rediss+x://127.0.0.1:6379/0?password=UrlPass99"),
+        ("upstreams", "base_url", "htps://proxyuser:UrlPass99@proxy.example/v1"),
+        ("tracing", "endpoint", "htps://u:UrlPass99@collector.example/v1/traces"),
+    ],
+)
+def test_a_refused_url_is_quoted_without_its_password(section: str, key: str, url: str) -> None:
+    # The problems go to check-config's output and to a refused reload's log line.
+    if section == "upstreams":
+        text = '[[upstreams]]\nname = "a"\nbase_url = "${U}"\n'
+    else:
+        text = MINIMAL + f'[{section}]\n{key} = "${{U}}"\n'
+    found = problems(text, env={"U": url})
+    assert any(f"{section}" in p and key in p and "is not a" in p for p in found), found
+    assert not any("UrlPass99" in p for p in found)

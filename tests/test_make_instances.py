@@ -193,3 +193,41 @@ def test_uninstall_removes_the_instances_too(stage: Stage, tmp_path: Path) -> No
     assert not stage.path("/etc/systemd/system/gateway@.service").exists()
     assert "systemctl disable --now gateway@9001" in stage.calls()
     assert "systemctl disable --now gateway@9002" in stage.calls()
+
+
+def _listing_systemctl(stage: Stage, ports: list[int]) -> None:
+    """A systemctl stand-in that records its calls and lists these instances as running."""
+    listing = "\n".join(f"gateway@{p}.service loaded active running x" for p in ports)
+    (stage.bin / "systemctl").write_text(
+        f'#!/bin/sh\necho "systemctl $*" >> {stage.log}\n'
+        f'case "$1" in list-units) printf "%s\\n" "{listing}";; esac\n'
+    )
+
+
+def test_fewer_instances_or_one_unit_stops_the_instances_left_over(stage: Stage) -> None:
+    # Installed with 3 instances, then again with 2: gateway@9003 is in no nginx site any
+    # more, so it must not keep running (and start at every boot) on its own.
+    assert stage.make("install-service", "INSTANCES=3", "BASE_PORT=9001").returncode == 0
+    _listing_systemctl(stage, [9001, 9002, 9003])
+    run = stage.make("install-service", "INSTANCES=2", "BASE_PORT=9001")
+    assert run.returncode == 0, run.stdout + run.stderr
+    calls = stage.calls()
+    assert "systemctl disable --now gateway@9003" in calls
+    assert calls.index("systemctl reload-or-restart nginx") < calls.index(
+        "systemctl disable --now gateway@9003"
+    )
+    assert not any(c.startswith("systemctl disable") and "@900" in c and "9003" not in c
+                   for c in calls)
+    # Back to the one gateway.service: every instance goes, and its template.
+    _listing_systemctl(stage, [9001, 9002])
+    run = stage.make("install-service")
+    assert run.returncode == 0, run.stdout + run.stderr
+    calls = stage.calls()
+    assert "systemctl disable --now gateway@9001" in calls
+    assert "systemctl disable --now gateway@9002" in calls
+    # Stopped once nginx sends to the new unit, so nothing is sent to a stopped instance.
+    assert calls.index("systemctl restart gateway") < calls.index(
+        "systemctl reload-or-restart nginx"
+    ) < calls.index("systemctl disable --now gateway@9001")
+    assert not stage.path("/etc/systemd/system/gateway@.service").exists()
+    assert stage.path("/etc/systemd/system/gateway.service").exists()

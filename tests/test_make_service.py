@@ -71,6 +71,8 @@ def test_install_service_lays_out_a_release_unit_site_and_private_files(stage: S
         "systemctl enable gateway",
         "systemctl restart gateway",
         "systemctl reload-or-restart nginx",
+        # gateway@ instances left from an INSTANCES=N install: stopped (none here).
+        "systemctl list-units --plain --no-legend --state=active gateway@*.service",
     ]
 
 
@@ -272,3 +274,42 @@ def test_the_installed_site_passes_nginx_t_in_debians_layout(tmp_path: Path) -> 
     )
     assert check.returncode == 0, check.stderr
     assert "worker_rlimit_nofile" in (etc / "modules-enabled/90-gateway-limits.conf").read_text()
+
+
+def test_a_first_install_nginx_refuses_leaves_nginx_as_it_was(stage: Stage) -> None:
+    # Everything the install put into /etc/nginx before `nginx -t` (site, link, main-context
+    # snippet, worker_connections, the default site's link) is undone when it fails: a
+    # config nginx refuses would otherwise break the operator's next `systemctl reload nginx`.
+    nginx = stage.path("/etc/nginx")
+    before = {
+        p.relative_to(nginx): (os.readlink(p) if p.is_symlink() else p.read_text())
+        for p in sorted(nginx.rglob("*")) if p.is_file() or p.is_symlink()
+    }
+    run = stage.make("install-service", "FAIL_NGINX=1", "DISABLE_DEFAULT_SITE=yes")
+    assert run.returncode != 0
+    assert "nginx -t failed" in run.stderr
+    after = {
+        p.relative_to(nginx): (os.readlink(p) if p.is_symlink() else p.read_text())
+        for p in sorted(nginx.rglob("*")) if p.is_file() or p.is_symlink()
+    }
+    assert after == before
+    assert not stage.path("/opt/gateway/venv").exists()
+    assert not any(c.startswith("systemctl") for c in stage.calls())
+
+
+def test_an_upgrade_nginx_refuses_keeps_the_previous_nginx_files(stage: Stage) -> None:
+    assert stage.make("install-service").returncode == 0
+    nginx = stage.path("/etc/nginx")
+    limits = nginx / "modules-enabled/90-gateway-limits.conf"
+    limits.write_text("# the snippet that works\n")
+    before = {
+        p.relative_to(nginx): (os.readlink(p) if p.is_symlink() else p.read_text())
+        for p in sorted(nginx.rglob("*")) if p.is_file() or p.is_symlink()
+    }
+    run = stage.make("install-service", "FAIL_NGINX=1", "DISABLE_DEFAULT_SITE=yes")
+    assert run.returncode != 0
+    after = {
+        p.relative_to(nginx): (os.readlink(p) if p.is_symlink() else p.read_text())
+        for p in sorted(nginx.rglob("*")) if p.is_file() or p.is_symlink()
+    }
+    assert after == before

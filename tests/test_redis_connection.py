@@ -54,3 +54,15 @@ async def test_reconnects_by_itself_after_a_restart(
 def test_passwords_stay_out_of_log_lines() -> None:
     assert redacted("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redacted("redis://host:6379/0") == "redis://host:6379/0"
+
+
+async def test_a_password_given_as_a_query_argument_is_not_logged() -> None:
+    # redis-py takes `?password=` as well as the userinfo; the log line names the URL.
+    url = f"redis://127.0.0.1:{_free_port()}/0?password=s3cretQueryPw"  # nothing listens
+    conn = RedisConnection(url, interval=0.05)
+    with structlog.testing.capture_logs() as logs:
+        await conn.start()
+        await conn.close()
+    lines = [e for e in logs if e["event"] == "redis_unreachable"]
+    assert lines and all("s3cretQueryPw" not in str(e) for e in lines)
+    assert "127.0.0.1" in lines[0]["url"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
 from gateway.sse import EventSplitter, iter_events, parse_event
@@ -206,6 +207,76 @@ async def test_a_rolling_restart_behind_nginx_drops_nothing(
         # Three admitted in all: the budget lived in Redis, not in the restarted processes.
         assert budget == [200, 200, 200, 429, 429, 429, 429, 429]
     finally:
+        nginx.stop()
+        for g in gws:
+            await g.close()
+
+
+@pytest.mark.parametrize("headers_sent", [False, True])
+async def test_a_json_request_cut_by_the_grace_is_not_generated_again_elsewhere(
+    start_upstream: StartUpstream, tmp_path: Path, headers_sent: bool
+) -> None:
+    # A non-stream request still waiting on its upstream when the shutdown grace runs out:
+    # its generation already ran (and was paid for) upstream, so whatever the draining
+    # instance answers, nginx must not replay the POST on the next instance. (The upstream
+    # answers non-stream requests only once the completion is done: headers pending is
+    # the common case.)
+    arrived = [asyncio.Event(), asyncio.Event()]
+    hold = asyncio.Event()
+
+    def upstream(i: int) -> web.Application:
+        async def chat(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            arrived[i].set()
+            if not headers_sent:
+                await hold.wait()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": "100"})
+            await resp.prepare(request)
+            await resp.write(b'{"id": ')
+            await hold.wait()
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+    ups = [await start_upstream(upstream(i)) for i in range(2)]
+    ports = [free_port() for _ in range(2)]
+    gws: list[GatewayProcess] = []
+    (tmp_path / "nginx").mkdir()
+    nginx = Nginx(tmp_path / "nginx", 0, free_port(), instance_ports=ports)
+    try:
+        for i, port in enumerate(ports):
+            config = tmp_path / f"config{i}.toml"
+            config.write_text(config_text(ups[i].url, server={"shutdown_grace": 1}))
+            gws.append(await GatewayProcess.start(config, args=["--port", str(port)]))
+        await nginx.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+
+            async def call() -> int:
+                async with http.post(f"{nginx.url}/v1/chat/completions",
+                                     json=chat_body(stream=False)) as resp:
+                    await resp.read()
+                    return resp.status
+
+            client = asyncio.create_task(call())
+            firsts = [asyncio.create_task(e.wait()) for e in arrived]
+            done, _ = await asyncio.wait(firsts, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "the request reached no upstream"
+            first = 0 if arrived[0].is_set() else 1
+            gws[first].send(signal.SIGTERM)
+            replayed = firsts[1 - first]
+            await asyncio.wait([client, replayed], timeout=40,
+                               return_when=asyncio.FIRST_COMPLETED)
+            assert not arrived[1 - first].is_set(), "nginx generated it again on the other"
+            assert client.done()
+            assert client.result() >= 500
+            assert await gws[first].wait_exit() == 0
+            for f in firsts:
+                f.cancel()
+    finally:
+        hold.set()
         nginx.stop()
         for g in gws:
             await g.close()

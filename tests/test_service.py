@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from .conftest import (
     chat_body,
     config_text,
 )
-from .gateway_process import GatewayProcess
+from .gateway_process import ROOT, GatewayProcess
 
 
 def _mock(chunks: int, delay: float = 0.0) -> web.Application:
@@ -343,3 +345,61 @@ async def test_a_secret_added_by_sighup_is_masked_in_the_logs(
     assert old_secret not in everything and new_secret not in everything
     gw.send(signal.SIGTERM)
     assert await gw.wait_exit() == 0
+
+
+async def test_sigterm_while_the_workers_are_still_starting_exits_0(
+    spawn: Spawn, start_upstream: StartUpstream
+) -> None:
+    # systemd stops the unit while it is still starting (or the supervisor gets TERM as it
+    # spawns the workers): the TERM it forwards reaches workers whose interpreter has not
+    # installed any handler yet, so they die of the signal. Nothing ran there to be lost;
+    # that is a clean stop, not a failed unit.
+    up = await start_upstream(_mock(chunks=2))
+    port = free_port()
+    text = config_text(
+        up.url,
+        server={"port": port, "workers": 2},
+        limits={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+    )
+    gw = await spawn(text, listening=False)
+    gw.port = port
+    await gw.wait_log("worker_started", count=2)
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
+    started = [e["pid"] for e in gw.events("worker_started")]
+    assert all(not _alive(pid) for pid in started)
+    assert not gw.events("listening")  # they were stopped before serving (the case here)
+
+
+async def test_a_redis_password_in_a_refused_url_reaches_no_log_line(
+    spawn: Spawn, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    # REDIS_URL from the env file, with a typo in its scheme: the reload is refused and
+    # logged, and `gateway check-config` (ExecStartPre, `make reload`) says why; neither
+    # may quote the password, in the URL's userinfo or as its `password` query argument.
+    password = "plainRedisPassword44"
+    bad = [
+        f"redis-tls://:{password}@127.0.0.1:6379/0",
+        f"rediss+x://127.0.0.1:6379/0?password={password}",
+    ]
+    up = await start_upstream(_mock(chunks=2))
+    gw = await spawn(config_text(up.url), env={"REDIS_URL": bad[0]})
+    path = tmp_path / "config.toml"
+    path.write_text(
+        config_text(up.url, limits={"backend": "redis", "redis_url": "${REDIS_URL}"})
+    )
+    gw.send(signal.SIGHUP)
+    assert "limits.redis_url" in (await gw.wait_log("reload_failed"))["problems"][0]
+    gw.send(signal.SIGTERM)
+    assert await gw.wait_exit() == 0
+    assert gw.lines and all(password not in json.dumps(line) for line in gw.lines)
+    for url in bad:
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "check-config", "--config", str(path),
+            env={**os.environ, "REDIS_URL": url}, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await check.communicate()
+        assert check.returncode != 0
+        assert b"limits.redis_url" in out
+        assert password.encode() not in out

@@ -37,6 +37,7 @@ log = structlog.get_logger("gateway.supervisor")
 GIVE_UP_AFTER = 5  # consecutive starts that died before READY=1
 BACKOFF_MAX = 10.0
 _UCRED = struct.Struct("3i")  # pid, uid, gid of SCM_CREDENTIALS
+_STOPPED_EARLY = frozenset({-signal.SIGTERM, -signal.SIGINT})  # returncodes: killed by them
 
 
 class Supervisor:
@@ -118,7 +119,9 @@ class Supervisor:
                 self._send(proc.pid, signal.SIGTERM)
             code = await proc.wait()
             if self.stopping.is_set():
-                return code
+                # A worker stopped before its interpreter installed its handlers dies of the
+                # TERM itself (or of the terminal's Ctrl-C): it served nothing, a clean stop.
+                return 0 if code in _STOPPED_EARLY else code
             was_ready = proc.pid in self.ready
             self.ready.discard(proc.pid)
             early_deaths = 0 if was_ready else early_deaths + 1
