@@ -287,3 +287,19 @@ async def test_followers_past_the_cap_are_refused_503_and_hold_no_redis_connecti
     await admin.aclose()
     async with http.delete(gw.url + path) as r:
         assert r.status == 204
+
+
+async def test_redis_down_refuses_a_background_response_before_anything_goes_upstream(
+    gateway_factory: GatewayFactory, upstream: Upstream, redis_server: RedisServer,
+    redis_url: str, http: aiohttp.ClientSession,
+) -> None:
+    """A 503 after the upstream started would be passed to another instance by nginx (and
+    the generation started there again): the log is made first, so nothing went upstream."""
+    a, _ = await two(gateway_factory, upstream, redis_url)
+    redis_server.stop()
+    body = {"model": "mock-gpt", "input": "hi", "background": True}
+    async with http.post(f"{a.url}/v1/responses", json=body) as r:
+        assert r.status == 503
+        assert (await r.json())["error"]["code"] == "redis_unavailable"
+    assert upstream.state.requests["/v1/responses"] == 0
+    redis_server.start()

@@ -188,11 +188,11 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()
     log.info("nofile_limit", soft=soft, hard=hard)
-    if cfg.server.workers > 1 and not worker:
-        from .supervisor import supervise
-
-        return supervise(cfg)
     try:
+        if cfg.server.workers > 1 and not worker:
+            from .supervisor import supervise
+
+            return supervise(cfg)
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

@@ -93,22 +93,30 @@ async def create(request: web.Request) -> web.StreamResponse:
     # their cap), the generation would run, and be charged, for a client without its id.
     reader = request.app[FOLLOWERS].hold() if ex.stream else contextlib.nullcontext()
     with reader:
-        up, resp = await pool.open(
-            "POST",
-            "/responses",
-            ex=gen,
-            body=validation.dumps(upstream_body),
-            headers=forward_headers(request.headers),
-        )
-        del body, upstream_body  # sent: not held for the life of the generation
+        # The log first (as for detached streams): with its store unreachable the create is
+        # refused before anything goes upstream (a 503 after the upstream started would be
+        # passed to another instance by a proxy, and started there again).
+        events = request.app[EVENT_LOG]
+        await events.create(response_id)
         handed = False
+        try:
+            if await events.append(response_id, objects.META, objects.meta(client, base)) is None:
+                raise Unavailable("Background responses are unavailable now")
+            up, resp = await pool.open(
+                "POST",
+                "/responses",
+                ex=gen,
+                body=validation.dumps(upstream_body),
+                headers=forward_headers(request.headers),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await events.delete(response_id)
+            raise
+        del body, upstream_body  # sent: not held for the life of the generation
         try:
             if resp.status != 200 or resp.content_type != "text/event-stream":
                 return await _refused(resp, up.name, up.cfg.api_key)
-            events = request.app[EVENT_LOG]
-            await events.create(response_id)
-            if await events.append(response_id, objects.META, objects.meta(client, base)) is None:
-                raise Unavailable("Background responses are unavailable now")
             slot = request.get(SLOT)
             if slot is not None:
                 slot.detach()  # the generation holds the concurrency slot until it ends
@@ -120,6 +128,8 @@ async def create(request: web.Request) -> web.StreamResponse:
         finally:
             if not handed:
                 resp.close()
+                with contextlib.suppress(Exception):
+                    await events.delete(response_id)
         if ex.stream:
             return await _serve(request, response_id, base, 1)
     return _json(base)
