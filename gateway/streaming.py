@@ -35,9 +35,10 @@ still right afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from .errors import error_body
 from .exchange import Outcome
@@ -45,7 +46,7 @@ from .process.drain import ShuttingDown
 from .sse import EventSplitter, SSEError
 from .usage.tap import Usage, UsageTap
 
-__all__ = ["Failure", "Pump", "Sink", "SinkFailed", "data_events"]
+__all__ = ["Failure", "Pump", "Sink", "SinkFailed", "data_events", "json_object"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +191,13 @@ class Pump:
             return "completed"  # a failure after [DONE] cost the reader nothing
         await sink.fail(failure)
         return failure.outcome
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """An event's data as a JSON object, or None (not JSON, or not an object): what a sink
+    parses of the events it cares about."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import orjson
@@ -28,7 +27,7 @@ from ..exchange import Exchange
 from ..identity import Identity
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
-from ..streaming import TRUNCATED, Failure, Pump, SinkFailed
+from ..streaming import TRUNCATED, Failure, Pump, SinkFailed, json_object
 from ..streams import owner
 from ..streams.log import DONE, EVENT_LOG, FAIL
 from ..streams.owner import Ended, Owned
@@ -109,7 +108,7 @@ class _ResponseSink:
     async def send(self, block: bytes) -> None:
         for raw in iter_events(block):
             ev = parse_event(raw)
-            obj = None if ev is None or ev.data is None else _json(ev.data)
+            obj = None if ev is None or ev.data is None else json_object(ev.data)
             if obj is None:
                 continue  # a comment, `[DONE]`, or not JSON
             type_ = objects.event_type(obj, ev.event if ev else None)
@@ -154,10 +153,3 @@ async def _pump(app: web.Application, job: Job, sink: _ResponseSink) -> str:
         n = sink.deltas
         job.ex.usage = sink.usage or (Usage(completion_tokens=n, total_tokens=n) if n else None)
 
-
-def _json(text: str) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None

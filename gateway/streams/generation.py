@@ -32,7 +32,7 @@ from ..exchange import Exchange
 from ..identity import Identity
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
-from ..streaming import Failure, Pump, SinkFailed
+from ..streaming import Failure, Pump, SinkFailed, json_object
 from ..upstream.pool import UPSTREAMS, read_to_end, scrub_key
 from ..usage.tap import Usage
 from . import owner
@@ -139,7 +139,7 @@ class _LogSink:
             if ev.data.rstrip(" \t") == "[DONE]":
                 await self.done()
                 raise _Completed  # stop now: the log has ended, its readers are told
-            chunk = _json(ev.data)
+            chunk = json_object(ev.data)
             if chunk is None:
                 continue
             if "error" in chunk:
@@ -170,13 +170,6 @@ class _LogSink:
             await self._put(FAIL, failure.body.decode())
 
 
-def _json(text: str) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
 
 def _first_choice(choices: object) -> dict[str, Any] | None:
     if isinstance(choices, list):
@@ -190,7 +183,7 @@ async def _error_of(resp: aiohttp.ClientResponse, api_key: str) -> str:
     """The upstream's error object when it sent one, else a gateway-made one. Some upstreams
     quote the credential they were sent: the upstream's key is scrubbed, as the relay does."""
     try:
-        body = _json((await read_to_end(resp, _MAX_ERROR_BYTES)).decode(errors="replace"))
+        body = json_object((await read_to_end(resp, _MAX_ERROR_BYTES)).decode(errors="replace"))
     except GatewayError:  # cut, timed out or over the cap: no message to pass on
         body = None
     if body is not None and isinstance(body.get("error"), dict):
