@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,9 @@ from .errors import Unavailable
 Client = aioredis.Redis | aiocluster.RedisCluster
 
 log = structlog.get_logger("gateway.redis")
+
+# A Redis error that is not Redis being down is logged at most this often (each op and kind).
+_ERROR_LOG_EVERY = 60.0
 
 # What counts as "Redis is unreachable" (as opposed to a bug such as a script error).
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -185,6 +189,8 @@ class RedisConnection:
         self._monitor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        # Errors that are not Redis being down, by (op, kind): when last logged, how many since.
+        self._errors: dict[tuple[str, str], tuple[float, int]] = {}
 
     async def start(self) -> None:
         """Check Redis once (log if it is down) and start the monitor. Never raises:
@@ -233,6 +239,24 @@ class RedisConnection:
         Redis fails once, then the probe's fresh connection finds it back."""
         if not isinstance(exc, RedisDown):  # that one came from check(): no news
             self._wake.set()
+
+    def command_failed(self, op: str, exc: BaseException) -> None:
+        """A command failed, Redis reachable (a connection error goes to `failed`): OOM,
+        READONLY, a script error. Every request may meet the same one, so it is logged at
+        most once a minute for each operation and kind, with how many were not logged."""
+        if isinstance(exc, CONNECTION_ERRORS):
+            self.failed(exc)
+            return
+        key = (op, type(exc).__name__)
+        now = time.monotonic()
+        last, unlogged = self._errors.get(key, (-_ERROR_LOG_EVERY, 0))
+        if now - last < _ERROR_LOG_EVERY:
+            self._errors[key] = (last, unlogged + 1)
+            return
+        if len(self._errors) >= 64:  # bounded: kinds are few, but never a growing dict
+            self._errors.clear()
+        self._errors[key] = (now, 0)
+        log.warning("redis_error", op=op, kind=key[1], error=str(exc), not_logged_since=unlogged)
 
     def check(self) -> None:
         """Raise `RedisDown` while the monitor finds Redis down: callers then apply the

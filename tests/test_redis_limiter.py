@@ -213,3 +213,25 @@ def test_a_lease_marker_shares_its_zsets_cluster_slot(key: str) -> None:
     zset = slots_key(key)
     marker = f"{PREFIX}i:{{{hash_tag(zset)}}}:0123456789abcdef"
     assert key_slot(marker.encode()) == key_slot(zset.encode())
+
+
+async def test_a_redis_refusing_every_command_is_logged_once_not_per_request(
+    make_limiter: MakeLimiter, redis_server: RedisServer
+) -> None:
+    """Not unreachable, refusing (OOM, READONLY, a script error): each request meets the
+    same error; one log line says so, not one per request (journald keeps every line)."""
+    from structlog.testing import capture_logs
+
+    from .redis_server import _command
+
+    limiter = await make_limiter()  # fail open: every check admits
+    _command(redis_server.port, "CONFIG", "SET", "maxmemory", "1")  # writes now refused: OOM
+    try:
+        with capture_logs() as logs:
+            for _ in range(50):
+                assert (await limiter.hit("rpm:flood", Rate(limit=600, burst=5))).allowed
+    finally:
+        _command(redis_server.port, "CONFIG", "SET", "maxmemory", "0")
+    errors = [e for e in logs if e["event"] == "redis_error"]
+    assert len(errors) == 1, errors[:3]
+    assert errors[0]["op"] == "hit" and "maxmemory" in errors[0]["error"]

@@ -178,10 +178,7 @@ class RedisLimiter:
 
     def _error(self, exc: BaseException, what: str) -> None:
         """Apply the failure policy: return (admit) when open, raise 503 when closed."""
-        if isinstance(exc, CONNECTION_ERRORS):
-            self._conn.failed(exc)
-        else:
-            log.warning("redis_error", op=what, error=str(exc))
+        self._conn.command_failed(what, exc)
         if not self._fail_open:
             raise RedisUnavailable("Rate limits are unavailable: Redis is unreachable") from exc
 
@@ -276,10 +273,7 @@ class RedisLimiter:
                 continue
             if not isinstance(exc, RedisError | OSError):
                 raise exc
-            if isinstance(exc, CONNECTION_ERRORS):
-                self._conn.failed(exc)
-            else:
-                log.warning("redis_error", op="renew", error=str(exc))
+            self._conn.command_failed("renew", exc)
 
     async def aclose(self) -> None:
         if self._renewer is not None:

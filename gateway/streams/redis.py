@@ -40,7 +40,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from ..errors import error_body
-from ..redisconn import CONNECTION_ERRORS, RedisConnection, RedisUnavailable
+from ..redisconn import RedisConnection, RedisUnavailable
 from .log import CANCELLED_DATA, DONE, FAIL, FINAL_KINDS, OVERFLOW_DATA, Batch, Event
 
 log = structlog.get_logger("gateway.redis")
@@ -211,10 +211,7 @@ class RedisEventLog:
             ev.set()
 
     def _error(self, exc: BaseException, what: str) -> None:
-        if isinstance(exc, CONNECTION_ERRORS):
-            self._conn.failed(exc)
-        else:
-            log.warning("redis_error", op=what, error=str(exc))
+        self._conn.command_failed(what, exc)
 
     def _heard_end(self, stream_id: str) -> None:
         """An end learnt from the channel or a renewal, not from an append's reply."""

@@ -40,8 +40,11 @@ class RedisUsage:
             self._conn.check()
             await pipe.execute()
         except (RedisError, OSError) as exc:
-            if isinstance(exc, CONNECTION_ERRORS):
-                self._conn.failed(exc)
+            if not isinstance(exc, CONNECTION_ERRORS):
+                # Reachable but refusing (OOM, READONLY): not a line per request.
+                self._conn.command_failed("usage_record", exc)
+                return
+            self._conn.failed(exc)
             # One warning when Redis goes; while it is known down, no line per request.
             level = log.debug if isinstance(exc, RedisDown) else log.warning
             level("usage_not_recorded", client=client, error=type(exc).__name__)
