@@ -12,13 +12,24 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from gateway.exchange import Exchange
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
+from gateway.responses import objects, pump
+from gateway.streams.log import EVENT_LOG
 from gateway.streams.registry import STREAM_TASKS
-from tests.conftest import TEST_KEY, TEST_KEY_SHA, GatewayFactory, StartUpstream, Upstream
+from tests.conftest import (
+    TEST_KEY,
+    TEST_KEY_SHA,
+    UPSTREAM_KEY,
+    GatewayFactory,
+    StartUpstream,
+    Upstream,
+)
 from tests.gates import until
 from tests.gateway_process import GatewayProcess
 from tests.killable import ServeProcess, config_text
@@ -403,3 +414,50 @@ async def test_a_streamed_create_refused_for_want_of_a_reader_starts_nothing(
         assert len(gw.app[STREAM_TASKS]) == 1
     async with http.post(f"{gw.url}/v1/responses/{response_id}/cancel", headers=headers) as r:
         assert r.status == 200
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.released = 0
+
+    def detach(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        self.released += 1
+
+
+async def test_a_generation_cancelled_before_its_first_step_still_ends_and_gives_back(
+    gateway_factory: GatewayFactory, endless: Upstream
+) -> None:
+    """The drain's deadline (`cancel_all`) can come in the loop turn a create handed its
+    generation over: a task cancelled before its first step never runs its body, so nothing
+    closed the upstream, gave the slot back or ended the log."""
+    gw = await gateway_factory(endless.url)
+    app = gw.app
+    rid = "resp_" + "ab" * 24
+    base = objects.created(rid, {"model": "mock-gpt", "input": PROMPT}, int(time.time()))
+    await app[EVENT_LOG].create(rid)
+    assert await app[EVENT_LOG].append(rid, objects.META, objects.meta("anonymous", base))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            endless.url + "/responses",
+            json={"model": "mock-gpt", "input": PROMPT, "stream": True},
+            headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+        )
+        assert resp.status == 200
+        ex = Exchange("req", "0" * 32, "1" * 16, "01", 0.0, model="mock-gpt", stream=True)
+        slot = _Slot()
+        job = pump.Job(rid, "anonymous", None, base, ex, resp, slot)
+        app[STREAM_TASKS].start(pump.run(app, job), name="response:test")
+        await app[STREAM_TASKS].cancel_all()  # in the same turn: before its first step
+        assert slot.released == 1
+        assert resp.connection is None  # closed or released: the upstream is not held
+        await asyncio.wait_for(endless.state.client_disconnected.wait(), 5)
+        batch = await app[EVENT_LOG].read(rid, 1, timeout=0, limit=100)
+        assert batch is not None and batch.ended
+        last = batch.events[-1]
+        assert last.kind == "fail"
+        failed = orjson.loads(last.data)
+        assert failed["type"] == "response.failed"
+        assert failed["response"]["error"]["code"] == "shutdown"

@@ -54,6 +54,10 @@ class StreamTasks:
         """Wait up to `grace` seconds for the generations, then cancel and await the rest."""
         if self._tasks and grace > 0:
             await asyncio.wait(set(self._tasks), timeout=grace)
+        # One turn of the loop first: a task created in this turn (a create handing over its
+        # generation) has not taken its first step, and cancelled now its body would never
+        # run: no `fail` event, the slot and the upstream response it was handed never freed.
+        await asyncio.sleep(0)
         rest = set(self._tasks)
         for task in rest:
             task.cancel()
