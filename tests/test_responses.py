@@ -17,11 +17,14 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from gateway.app import create_app
 from gateway.exchange import Exchange
 from gateway.mock_upstream import MockSettings, create_mock_app, reply_pieces
+from gateway.process.server import start
 from gateway.responses import objects, pump
 from gateway.streams.log import EVENT_LOG
 from gateway.streams.registry import STREAM_TASKS
+from gateway.usage import USAGE
 from tests.conftest import (
     TEST_KEY,
     TEST_KEY_SHA,
@@ -29,6 +32,7 @@ from tests.conftest import (
     GatewayFactory,
     StartUpstream,
     Upstream,
+    make_config,
 )
 from tests.gates import until
 from tests.gateway_process import GatewayProcess
@@ -461,3 +465,56 @@ async def test_a_generation_cancelled_before_its_first_step_still_ends_and_gives
         failed = orjson.loads(last.data)
         assert failed["type"] == "response.failed"
         assert failed["response"]["error"]["code"] == "shutdown"
+
+
+class _SlowUsage:
+    """A usage store as slow as a Redis under load: `record` waits for `gate`."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.records: list[tuple[str, Any]] = []
+
+    async def record(self, client: str, usage: Any, *, streamed: bool) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.records.append((client, usage))
+
+
+async def test_a_generation_stopped_while_it_settles_still_gives_back_and_charges(
+    upstream: Upstream,
+) -> None:
+    """The app's stop (or the drain's deadline) cancels a generation that may already be
+    settling (its slot, the usage store, tpm: each a Redis round trip): the cancel cut the
+    settling short, and what it cost was never recorded."""
+    usage = _SlowUsage()
+
+    async def slow_usage(app: web.Application) -> None:
+        app[USAGE] = usage  # after the backends installed theirs
+
+    app = create_app(make_config(upstream.url))
+    app.on_startup.append(slow_usage)
+    runner, _ = await start(app, "127.0.0.1", 0, shutdown_timeout=2)
+    try:
+        rid = "resp_" + "cd" * 24
+        base = objects.created(rid, {"model": "mock-gpt", "input": PROMPT}, int(time.time()))
+        await app[EVENT_LOG].create(rid)
+        assert await app[EVENT_LOG].append(rid, objects.META, objects.meta("anonymous", base))
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(
+                upstream.url + "/responses",
+                json={"model": "mock-gpt", "input": PROMPT, "stream": True},
+                headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+            )
+            assert resp.status == 200
+            ex = Exchange("req", "0" * 32, "1" * 16, "01", 0.0, model="mock-gpt", stream=True)
+            job = pump.Job(rid, "anonymous", None, base, ex, resp, None)
+            task = app[STREAM_TASKS].start(pump.run(app, job), name="response:test")
+            await asyncio.wait_for(usage.entered.wait(), 10)  # completed: now settling
+            stopping = asyncio.ensure_future(app[STREAM_TASKS].cancel_all())
+            await until(lambda: task.cancelling() > 0)
+            usage.gate.set()  # the slow store answers
+            await asyncio.wait_for(stopping, 10)
+            assert len(usage.records) == 1 and usage.records[0][1] is not None
+    finally:
+        await runner.cleanup()

@@ -94,7 +94,15 @@ async def run(
         ended.cancel()
         if release is not None:
             release()
-        await settle(app, owned, outcome, name)
+        # The app's stop cancels this task even while it settles (each step a Redis round
+        # trip): cut short, the slot would stay held and the tokens go uncharged. Settling
+        # runs to its end; a cancel that came meanwhile is raised after it.
+        settling = asyncio.ensure_future(settle(app, owned, outcome, name))
+        try:
+            await asyncio.shield(settling)
+        except asyncio.CancelledError:
+            await settling
+            raise
 
 
 async def settle(app: web.Application, owned: Owned, outcome: str, name: str) -> None:
