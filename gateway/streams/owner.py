@@ -86,7 +86,9 @@ async def run(
     except asyncio.CancelledError:  # the app is stopping
         outcome = "shutdown"
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Ended):
+        # Whatever the work ended with (a crash already logged above, say), the log still
+        # gets its last event.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await fail("The gateway is shutting down", "service_unavailable", "shutdown")
         raise
