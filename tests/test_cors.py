@@ -51,6 +51,26 @@ async def test_cors_preflight_from_an_allowed_origin_is_204_with_what_may_be_sen
         assert "Access-Control-Allow-Credentials" not in h
 
 
+async def test_cors_preflight_allows_the_headers_the_openai_js_sdk_sends(
+    gw: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """The official JS SDK in a browser sends its own headers (x-stainless-*, OpenAI-Beta,
+    Idempotency-Key...): a fixed list would fail its preflight. What reaches an upstream is
+    the gateway's allow-list anyway, so an allowed origin may send any well-formed header."""
+    asked = "authorization, content-type, x-stainless-os, x-stainless-lang, openai-beta"
+    headers = {**preflight(ALLOWED), "Access-Control-Request-Headers": asked}
+    async with http.options(f"{gw.url}/v1/chat/completions", headers=headers) as r:
+        assert r.status == 204
+        allowed = {x.strip().lower() for x in r.headers["Access-Control-Allow-Headers"].split(",")}
+        assert allowed >= {h.strip() for h in asked.split(",")} | {"last-event-id", "x-api-key"}
+        assert "Access-Control-Request-Headers" in r.headers["Vary"]
+    # Not a header list: the fixed list, nothing echoed.
+    bad = {**preflight(ALLOWED), "Access-Control-Request-Headers": "x-a, <script>"}
+    async with http.options(f"{gw.url}/v1/chat/completions", headers=bad) as r:
+        assert r.status == 204
+        assert "script" not in r.headers["Access-Control-Allow-Headers"]
+
+
 async def test_cors_preflight_from_a_refused_origin_is_403_without_cors_headers(
     gw: Gateway, http: aiohttp.ClientSession
 ) -> None:

@@ -14,6 +14,8 @@ demo page served here posts to its own host, and is served without CORS headers.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -23,6 +25,10 @@ from ..state import EXCHANGE
 from .headers import add_response_headers
 
 _VARY = {"Vary": "Origin"}  # a refused origin: no CORS headers, but caches must still vary
+# Access-Control-Request-Headers as browsers send it: header names (RFC 9110 tokens), commas,
+# spaces; bounded, so an answer never grows with what a client makes up.
+_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}"
+_HEADER_LIST = re.compile(rf"{_NAME}(?:[ \t]*,[ \t]*{_NAME}){{0,31}}")
 
 
 def _same_origin(origin: str, host: str) -> bool:
@@ -48,6 +54,16 @@ def make_cors_middleware(policy: PolicyHolder) -> Middleware:
                 response = Forbidden("CORS origin not allowed", code="cors_origin").response()
                 response.headers["Vary"] = "Origin"
                 return response
+            asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+            if asked and _HEADER_LIST.fullmatch(asked):
+                # An allowed origin may send any well-formed header (the OpenAI JS SDK's
+                # x-stainless-*, say): what goes upstream is the gateway's allow-list anyway.
+                answer = {
+                    **answer,
+                    "Access-Control-Allow-Headers": f"{answer['Access-Control-Allow-Headers']}, "
+                    + asked,
+                    "Vary": "Origin, Access-Control-Request-Headers",
+                }
             return web.Response(status=204, headers=answer)
         allowed = rules.for_actual(origin)
         if allowed is None and not _same_origin(origin, request.host):
