@@ -49,12 +49,12 @@ from yarl import URL
 from .config import TracingConfig
 from .logs import loggable_path
 from .state import CLIENT_IP
+from .usage.tap import UsageTap, first_choice
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
     from .exchange import Exchange
-    from .usage.tap import UsageTap
 
 log = structlog.get_logger("gateway.otel")
 
@@ -430,13 +430,9 @@ class RequestTrace:
             self.response_id = rid
         if isinstance(model, str):
             self.response_model = model
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    reason = choice.get("finish_reason")
-                    if isinstance(reason, str):
-                        self.finish_reason = reason
+        choice = first_choice(obj.get("choices"))
+        if choice is not None and isinstance(reason := choice.get("finish_reason"), str):
+            self.finish_reason = reason
 
     # ---------------------------------------------------------- the end
 

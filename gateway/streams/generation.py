@@ -34,7 +34,7 @@ from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
 from ..streaming import Failure, Pump, SinkFailed, json_object
 from ..upstream.pool import UPSTREAMS, read_to_end, scrub_key
-from ..usage.tap import Usage
+from ..usage.tap import Usage, first_choice
 from . import owner
 from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
 from .log import USAGE as USAGE_EVENT
@@ -148,7 +148,7 @@ class _LogSink:
             if self._seen is not None:
                 self._seen(chunk)
             usage = Usage.from_obj(chunk.get("usage"))
-            choice = _first_choice(chunk.get("choices"))
+            choice = first_choice(chunk.get("choices"))
             if choice is not None:
                 delta = choice.get("delta")
                 if isinstance(delta, dict) and delta:
@@ -169,14 +169,6 @@ class _LogSink:
             self.ended = True
             await self._put(FAIL, failure.body.decode())
 
-
-
-def _first_choice(choices: object) -> dict[str, Any] | None:
-    if isinstance(choices, list):
-        for c in choices:
-            if isinstance(c, dict) and c.get("index", 0) == 0:
-                return c
-    return None
 
 
 async def _error_of(resp: aiohttp.ClientResponse, api_key: str) -> str:

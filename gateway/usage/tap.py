@@ -24,7 +24,7 @@ from typing import Any
 
 from ..sse import encode_event, event_start, iter_events, parse_event
 
-__all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested"]
+__all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested", "first_choice"]
 
 
 def _json_loads(s: str | bytes) -> Any:
@@ -220,11 +220,18 @@ class UsageTap:
             self.model = model
 
     def _note_finish(self, choices: list[Any]) -> None:
-        for choice in choices:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                reason = choice.get("finish_reason")
-                if isinstance(reason, str):
-                    self.finish_reason = reason
+        choice = first_choice(choices)
+        if choice is not None and isinstance(reason := choice.get("finish_reason"), str):
+            self.finish_reason = reason
+
+
+def first_choice(choices: object) -> dict[str, Any] | None:
+    """A chunk's `choices[index 0]` (the one a single-answer client reads), if any."""
+    if isinstance(choices, list):
+        for c in choices:
+            if isinstance(c, dict) and c.get("index", 0) == 0:
+                return c
+    return None
 
 
 def _has_done(block: bytes) -> bool:
