@@ -36,15 +36,13 @@ from ..state import EXCHANGE, IDENTITY, SLOT
 from ..streams.handlers import FOLLOWERS, serve_log
 from ..streams.log import EVENT_LOG, Batch
 from ..streams.registry import STREAM_TASKS
-from ..upstream.pool import UPSTREAMS, forward_headers, relay_headers, scrub_key
+from ..upstream.pool import UPSTREAMS, error_object, forward_headers, relay_headers
 from . import objects, pump
 
 # What a read of the log may return at once (a reader far behind catches up in batches).
 _READ_LIMIT = 500
 # 192 random bits: unguessable, though ownership, not the id, is what guards a response.
 _ID = re.compile(r"resp_[0-9a-f]{48}")
-# The largest upstream error body read to find its message.
-_MAX_ERROR_BYTES = 64 << 10
 # Past any event id: a read after it only says whether the log has ended.
 _END_PROBE = 1 << 53
 
@@ -139,20 +137,7 @@ async def _refused(resp: aiohttp.ClientResponse, name: str, api_key: str) -> web
     """The answer to a create call the upstream did not start an event stream for: a missing
     /v1/responses is a 502 of ours; any other refusal (400, 401, 429, ...) is relayed with
     its status and error object, as the relay does."""
-    data = bytearray()
-    try:
-        while len(data) <= _MAX_ERROR_BYTES and (chunk := await resp.content.readany()):
-            data += chunk
-    except (aiohttp.ClientError, TimeoutError):
-        pass
-    error = None
-    try:
-        obj = orjson.loads(data)
-        error = obj.get("error") if isinstance(obj, dict) else None
-    except orjson.JSONDecodeError:
-        pass
-    text = orjson.dumps({"error": error}).decode() if isinstance(error, dict) else ""
-    text = scrub_key(text.encode(), api_key).decode()
+    error = await error_object(resp, api_key)
     if resp.status == 200:
         raise UpstreamError(
             f"upstream {name} answered a stream request with {resp.content_type!r}, not events",
@@ -164,7 +149,7 @@ async def _refused(resp: aiohttp.ClientResponse, name: str, api_key: str) -> web
             "background responses need it",
             code="responses_unsupported",
         )
-    body = text.encode() or error_body(
+    body = error or error_body(
         f"upstream answered {resp.status}", "upstream_error", "bad_gateway"
     )
     return web.Response(

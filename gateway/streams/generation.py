@@ -33,7 +33,7 @@ from ..identity import Identity
 from ..sse import iter_events, parse_event
 from ..state import CONFIG, Slot
 from ..streaming import Failure, Pump, SinkFailed, json_object
-from ..upstream.pool import UPSTREAMS, read_to_end, scrub_key
+from ..upstream.pool import UPSTREAMS, error_object
 from ..usage.tap import Usage, first_choice
 from . import owner
 from .log import DELTA, DONE, EVENT_LOG, FAIL, EventLog
@@ -42,8 +42,6 @@ from .owner import Ended, Owned
 
 log = structlog.get_logger("gateway.streams")
 
-# The largest upstream error body read to find its message.
-_MAX_ERROR_BYTES = 64 << 10
 
 
 @dataclass(slots=True)
@@ -172,12 +170,8 @@ class _LogSink:
 
 
 async def _error_of(resp: aiohttp.ClientResponse, api_key: str) -> str:
-    """The upstream's error object when it sent one, else a gateway-made one. Some upstreams
-    quote the credential they were sent: the upstream's key is scrubbed, as the relay does."""
-    try:
-        body = json_object((await read_to_end(resp, _MAX_ERROR_BYTES)).decode(errors="replace"))
-    except GatewayError:  # cut, timed out or over the cap: no message to pass on
-        body = None
-    if body is not None and isinstance(body.get("error"), dict):
-        return scrub_key(orjson.dumps({"error": body["error"]}), api_key).decode()
+    """The upstream's error object when it sent one, else a gateway-made one."""
+    error = await error_object(resp, api_key)
+    if error is not None:
+        return error.decode()
     return _fail(f"upstream answered {resp.status}", "upstream_error", "bad_gateway")

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -443,6 +444,23 @@ class SlotsBusy(UpstreamTimeout):
 
 class AnswerTooLarge(UpstreamError):
     """An upstream body longer than the cap its reader set (502)."""
+
+
+# The largest upstream error body read to find its error object.
+MAX_ERROR_BYTES = 64 << 10
+
+
+async def error_object(resp: aiohttp.ClientResponse, api_key: str) -> bytes | None:
+    """The OpenAI error an upstream answered, as `{"error": {...}}` without our key in it
+    (some upstreams quote the credential they were sent); None when it sent none (not JSON,
+    no error object, cut, timed out, or over `MAX_ERROR_BYTES`)."""
+    try:
+        obj = orjson.loads(await read_to_end(resp, MAX_ERROR_BYTES))
+    except (GatewayError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("error"), dict):
+        return None
+    return scrub_key(orjson.dumps({"error": obj["error"]}), api_key)
 
 
 async def read_to_end(resp: aiohttp.ClientResponse, cap: int) -> bytes:
