@@ -222,7 +222,9 @@ def _otlp_url(v: str) -> str:
     return v
 
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+# A header name: an RFC 9110 token's characters (the CORS middleware checks names with it too).
+TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_HEADER_NAME = re.compile(TOKEN_CHARS + "+")
 
 
 def _header_table(v: dict[str, str]) -> tuple[tuple[str, str], ...]:

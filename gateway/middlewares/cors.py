@@ -19,6 +19,7 @@ import re
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..config import TOKEN_CHARS
 from ..errors import Forbidden
 from ..policy import PolicyHolder
 from ..state import EXCHANGE
@@ -27,7 +28,7 @@ from .headers import add_response_headers
 _VARY = {"Vary": "Origin"}  # a refused origin: no CORS headers, but caches must still vary
 # Access-Control-Request-Headers as browsers send it: header names (RFC 9110 tokens), commas,
 # spaces; bounded, so an answer never grows with what a client makes up.
-_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}"
+_NAME = TOKEN_CHARS + "{1,64}"
 _HEADER_LIST = re.compile(rf"{_NAME}(?:[ \t]*,[ \t]*{_NAME}){{0,31}}")
 
 
