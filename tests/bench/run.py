@@ -474,6 +474,11 @@ def framework_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
+    return render(head, body)
+
+
+def render(head: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the head."""
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
@@ -527,13 +532,7 @@ def tracing_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in [head, *body]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render(head, body)
 INFO: list[tuple[str, str, str]] = [
     ("S1", "rps", "streams/s (shared cores)"),
     ("S4", "rps", "requests/s (shared cores)"),
@@ -655,13 +654,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 met,
             ]
         )
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in [head, *body]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render(head, body)
 
 
 def main() -> int:
