@@ -8,18 +8,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import config
+from gateway import config, logs
 from gateway.app import create_app
 from gateway.mock_upstream import MOCK_STATE, MockSettings, MockState, create_mock_app
 from gateway.process.server import start
@@ -186,3 +190,25 @@ def chat_body(stream: bool = True, **extra: Any) -> dict[str, Any]:
 def stage(tmp_path: Path) -> Stage:
     """A DESTDIR with Debian's nginx layout and stand-ins for the system's tools."""
     return make_stage(tmp_path)
+
+
+@contextlib.contextmanager
+def configured_logs(secrets: Sequence[str] = ()) -> Iterator[io.StringIO]:
+    """Logging configured as `gateway serve` does, into a buffer; restored afterwards."""
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").disabled)
+    logs.configure(config.LoggingConfig(), buf, secrets=secrets)
+    try:
+        yield buf
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], _, logging.getLogger("aiohttp.access").disabled = saved
+        root.setLevel(saved[1])
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """The gateway's log lines, as `gateway serve` writes them, in a buffer."""
+    with configured_logs() as buf:
+        yield buf

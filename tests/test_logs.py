@@ -15,8 +15,14 @@ import pytest
 import structlog
 
 from gateway import logs
-from gateway.config import LoggingConfig
-from tests.conftest import TEST_KEY, UPSTREAM_KEY, GatewayFactory, Upstream, chat_body
+from tests.conftest import (
+    TEST_KEY,
+    UPSTREAM_KEY,
+    GatewayFactory,
+    Upstream,
+    chat_body,
+    configured_logs,
+)
 
 JWT_SECRET = "plainjwtsecretwithnoshape0123456789"
 
@@ -66,15 +72,9 @@ def test_ordinary_values_pass_untouched() -> None:
 
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
-    """Logging configured as `gateway serve` does, into a buffer; restored afterwards."""
-    buf = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").disabled)
-    logs.configure(LoggingConfig(), buf, secrets=[UPSTREAM_KEY, JWT_SECRET])
-    yield buf
-    structlog.reset_defaults()
-    root.handlers[:], _, logging.getLogger("aiohttp.access").disabled = saved
-    root.setLevel(saved[1])
+    """The log lines in a buffer, with the config's secrets known to the redactor."""
+    with configured_logs([UPSTREAM_KEY, JWT_SECRET]) as buf:
+        yield buf
 
 
 async def test_no_secret_reaches_any_log_line_during_requests(

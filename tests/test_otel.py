@@ -5,23 +5,19 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-import structlog
 from aiohttp import web
 
-from gateway import config, logs
-from gateway.config import LoggingConfig
+from gateway import config
 from gateway.metrics import METRICS
 from gateway.otel import TRACING, Tracing
 from tests.conftest import (
@@ -75,17 +71,6 @@ async def flaky(start_upstream: StartUpstream) -> Upstream:
     app[SEEN] = seen
     return await start_upstream(app)
 
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").disabled)
-    logs.configure(LoggingConfig(), buf)
-    yield buf
-    structlog.reset_defaults()
-    root.handlers[:], _, logging.getLogger("aiohttp.access").disabled = saved
-    root.setLevel(saved[1])
 
 
 def _lines(buf: io.StringIO) -> list[dict[str, Any]]:

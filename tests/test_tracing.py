@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -15,9 +14,7 @@ import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway import logs
 from gateway.app import create_app
-from gateway.config import LoggingConfig
 from gateway.process.server import start
 from tests.conftest import (
     TEST_KEY,
@@ -105,17 +102,6 @@ async def test_a_missing_or_invalid_traceparent_starts_a_new_trace(
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", sent)
     assert TRACE not in sent and "0" * 32 not in sent
 
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("aiohttp.access").disabled)
-    logs.configure(LoggingConfig(), buf)
-    yield buf
-    structlog.reset_defaults()
-    root.handlers[:], _, logging.getLogger("aiohttp.access").disabled = saved
-    root.setLevel(saved[1])
 
 
 @pytest.fixture
