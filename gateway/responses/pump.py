@@ -91,14 +91,13 @@ class _ResponseSink:
     """The background response's `streaming.Sink`: each upstream event, numbered and made
     ours, becomes a log event; the final one ends the log."""
 
-    __slots__ = ("_base", "_put", "deltas", "ended", "seq", "usage")
+    __slots__ = ("_base", "_put", "deltas", "ended", "seq")
 
     def __init__(self, base: objects.Json, put: Put) -> None:
         self._base = base
         self._put = put
         self.seq = 0  # the next event's sequence number
         self.deltas = 0  # output_text deltas logged: the usage of a response cut short
-        self.usage: Usage | None = None  # from the upstream's final event
         self.ended = False
 
     async def _log(self, kind: str, data: str) -> None:
@@ -119,9 +118,6 @@ class _ResponseSink:
                 raise SinkFailed(Failure("upstream_error", orjson.dumps({"error": error})))
             final = objects.TERMINAL.get(type_)
             if final is not None:
-                response = obj.get("response")
-                if isinstance(response, dict):
-                    self.usage = Usage.from_obj(response.get("usage"))
                 self.ended = True
                 await self._log(final, objects.ours(obj, type_, self.seq, self._base))
                 raise _Final("completed" if final == DONE else "upstream_error")
@@ -149,7 +145,9 @@ async def _pump(app: web.Application, job: Job, sink: _ResponseSink) -> str:
     except _Final as final:
         return final.outcome
     finally:
-        # The upstream's usage, else about a token per text delta logged.
+        # The upstream's usage (the pump's tap read it off the final event's `response`),
+        # else about a token per text delta logged.
         n = sink.deltas
-        job.ex.usage = sink.usage or (Usage(completion_tokens=n, total_tokens=n) if n else None)
+        usage = pump.tap.usage
+        job.ex.usage = usage or (Usage(completion_tokens=n, total_tokens=n) if n else None)
 
