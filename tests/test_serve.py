@@ -107,3 +107,20 @@ def test_served_gateway_refuses_a_wrong_key(served) -> None:
             model="m", messages=[{"role": "user", "content": "x"}]
         )
     client.close()
+
+
+def test_tune_gc_freezes_the_startup_heap_and_spaces_young_collections() -> None:
+    """What `_serve` does once listening (the bench measures what it buys)."""
+    import gc
+
+    from gateway.process.server import GC_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD
+        assert GC_THRESHOLD[0] > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
