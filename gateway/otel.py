@@ -23,27 +23,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from opentelemetry.util.types import Attributes
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
 from .config import TracingConfig
@@ -78,51 +72,105 @@ EXPORT_TIMEOUT = 5.0  # seconds per export request to the collector
 SHUTDOWN_TIMEOUT = 3.0  # at stop, what the last spans may take to leave
 
 
-class _PresetIds(IdGenerator):
-    """The tracing middleware chose the request's trace and span ids before any span (its
-    log lines carry them): the SERVER span takes those, set here just before it starts;
-    every other span gets random ones."""
-
-    def __init__(self) -> None:
-        self._random = RandomIdGenerator()
-        self.trace_id = 0
-        self.span_id = 0
-
-    def generate_trace_id(self) -> int:
-        tid, self.trace_id = self.trace_id, 0
-        return tid or self._random.generate_trace_id()
-
-    def generate_span_id(self) -> int:
-        sid, self.span_id = self.span_id, 0
-        return sid or self._random.generate_span_id()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_UNSET = Status(StatusCode.UNSET)
+_ERROR = Status(StatusCode.ERROR)
+MAX_EVENTS = 128  # per span, as the SDK's default limit: a long stall pings for hours
 
 
-class _RatioOrLinked(Sampler):
-    """Root spans: sampled at `ratio`; a root linked to another span (a detached generation,
-    linked to the request that started it) follows that span's decision instead."""
+def _cut(value: AttributeValue) -> AttributeValue:
+    """A value as exported: strings (alone or in a sequence) cut to MAX_VALUE characters."""
+    if isinstance(value, str):
+        return value[:MAX_VALUE]
+    if isinstance(value, tuple | list):
+        return tuple(v[:MAX_VALUE] if isinstance(v, str) else v for v in value)
+    return value
 
-    def __init__(self, ratio: float) -> None:
-        self._ratio = TraceIdRatioBased(ratio)
 
-    def should_sample(
+class Span:
+    """One span: what it needs to become the SDK's `ReadableSpan` when it ends.
+
+    The SDK's own `Span` guards every attribute with a lock, keeps bounded maps and a
+    context object per span, and costs more than the request it describes (`make bench`,
+    tracing on): a gateway span is written by one task, on the loop, so it is a plain
+    record here, turned into a `ReadableSpan` for the SDK's batch processor and the
+    official OTLP exporter at `end()`. An unsampled span records nothing; its context still
+    gives the ids and flags a traceparent carries.
+    """
+
+    __slots__ = (
+        "_tracing",
+        "attributes",
+        "context",
+        "events",
+        "kind",
+        "links",
+        "name",
+        "parent",
+        "start",
+        "status",
+    )
+
+    def __init__(
         self,
-        parent_context: Context | None,
-        trace_id: int,
+        tracing: Tracing | None,
         name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: trace.TraceState | None = None,
-    ) -> SamplingResult:
-        if links:
-            sampled = any(link.context.trace_flags.sampled for link in links)
-            return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP)
-        return self._ratio.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, AttributeValue],
+        links: Sequence[Link] = (),
+    ) -> None:
+        self._tracing = tracing  # None: not sampled
+        self.name = name
+        self.context = context
+        self.parent = parent
+        self.kind = kind
+        self.attributes = attributes
+        self.links = links
+        self.events: list[Event] = []
+        self.status = _UNSET
+        self.start = time.time_ns()
 
-    def get_description(self) -> str:
-        return f"RatioOrLinked{{{self._ratio.rate}}}"
+    @property
+    def recording(self) -> bool:
+        return self._tracing is not None
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._tracing is not None:
+            self.attributes[key] = _cut(value)
+
+    def add_event(self, name: str, attributes: dict[str, AttributeValue] | None = None) -> None:
+        if self._tracing is not None and len(self.events) < MAX_EVENTS:
+            self.events.append(Event(name, attributes or {}, time.time_ns()))
+
+    def set_error(self) -> None:
+        if self._tracing is not None:
+            self.status = _ERROR
+
+    def end(self) -> None:
+        tracing, self._tracing = self._tracing, None  # ended once
+        if tracing is None:
+            return
+        # Its docstring says a ReadableSpan is the SDK pipeline's to make; its constructor
+        # is the one the SDK's exporters and test helpers use, keyword by keyword.
+        tracing.on_end(
+            ReadableSpan(
+                name=self.name,
+                context=self.context,
+                parent=self.parent,
+                resource=tracing.resource,
+                attributes=self.attributes,
+                events=self.events,
+                links=self.links,
+                kind=self.kind,
+                status=self.status,
+                start_time=self.start,
+                end_time=time.time_ns(),
+                instrumentation_scope=tracing.scope,
+            )
+        )
 
 
 class _WatchedExporter(SpanExporter):
@@ -232,15 +280,12 @@ class Tracing:
         exporter: SpanExporter | None = None,
     ) -> None:
         self.cfg = cfg
-        self._ids = _PresetIds()
-        self.provider = TracerProvider(
-            resource=Resource.create({"service.name": cfg.service_name}),
-            sampler=ParentBased(_RatioOrLinked(cfg.sample_ratio)),
-            id_generator=self._ids,
-            span_limits=SpanLimits(max_span_attribute_length=MAX_VALUE),
-            shutdown_on_exit=False,
-        )
-        self.tracer = self.provider.get_tracer("gateway")
+        self.resource = Resource.create({"service.name": cfg.service_name})
+        self.scope = InstrumentationScope("gateway")
+        # The SDK's TraceIdRatioBased, bound computed once: a root span is sampled when its
+        # trace id's low 64 bits fall under it (so every gateway decides a trace alike).
+        self._bound = TraceIdRatioBased.get_bound_for_rate(cfg.sample_ratio)
+        self._ids = RandomIdGenerator()
         self._dropped = dropped
         self._max_queue = max_queue
         self._exporter = exporter or OTLPSpanExporter(
@@ -257,7 +302,6 @@ class Tracing:
         logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.CRITICAL)
         self.watched = _WatchedExporter(self._exporter, self._dropped, self.cfg.endpoint)
         self._processor = _BoundedBatch(self.watched, self._max_queue, self._dropped)
-        self.provider.add_span_processor(self._processor)
 
     def stop(self) -> None:
         """Blocking (run it in a thread): the last spans go out, within SHUTDOWN_TIMEOUT."""
@@ -270,20 +314,55 @@ class Tracing:
 
     # ------------------------------------------------------------------ spans
 
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._processor is not None:  # before start() (and in no test after stop())
+            self._processor.on_end(span)
+
+    def start_span(
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        parent: SpanContext | None = None,
+        links: Sequence[Link] = (),
+        attributes: Mapping[str, AttributeValue] | None = None,
+        trace_id: int | None = None,
+        span_id: int | None = None,
+    ) -> Span:
+        """A span, sampled as the SDK's ParentBased sampler would: a child follows its
+        parent, a root linked to spans follows them (a detached generation, its request),
+        any other root is sampled at `sample_ratio` by its trace id."""
+        if parent is not None:
+            trace_id = parent.trace_id
+            sampled = parent.trace_flags.sampled
+        else:
+            if trace_id is None:
+                trace_id = self._ids.generate_trace_id()
+            if links:
+                sampled = any(link.context.trace_flags.sampled for link in links)
+            else:
+                sampled = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+        context = SpanContext(
+            trace_id,
+            span_id or self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
+        )
+        if not sampled:
+            return Span(None, name, context, parent, kind, {})
+        attrs = {k: _cut(v) for k, v in attributes.items()} if attributes else {}
+        return Span(self, name[:MAX_VALUE], context, parent, kind, attrs, links)
+
     def request(self, request: web.Request, ex: Exchange) -> None:
         """The tracing middleware's hook: the SERVER span, with the exchange's own ids,
         child of the incoming traceparent the middleware continued (`ex.parent_id`)."""
-        parent = Context()
+        parent = None
         if ex.parent_id is not None:
-            parent = trace.set_span_in_context(
-                trace.NonRecordingSpan(
-                    trace.SpanContext(
-                        int(ex.trace_id, 16),
-                        int(ex.parent_id, 16),
-                        is_remote=True,
-                        trace_flags=trace.TraceFlags(int(ex.trace_flags, 16)),
-                    )
-                )
+            parent = SpanContext(
+                int(ex.trace_id, 16),
+                int(ex.parent_id, 16),
+                is_remote=True,
+                trace_flags=TraceFlags(int(ex.trace_flags, 16)),
             )
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
@@ -292,16 +371,16 @@ class Tracing:
         attrs: dict[str, str] = {"http.request.method": request.method, "url.path": path}
         if route is not None:
             attrs["http.route"] = route
-        self._ids.trace_id, self._ids.span_id = int(ex.trace_id, 16), int(ex.span_id, 16)
-        span = self.tracer.start_span(
+        span = self.start_span(
             f"{request.method} {route}" if route else request.method,
-            context=parent,
             kind=SpanKind.SERVER,
+            parent=parent,
             attributes=attrs,
+            trace_id=int(ex.trace_id, 16),
+            span_id=int(ex.span_id, 16),
         )
-        self._ids.trace_id = self._ids.span_id = 0
-        ex.trace_flags = "01" if span.get_span_context().trace_flags.sampled else "00"
-        ex.otel = RequestTrace(self.tracer, span)
+        ex.trace_flags = "01" if span.recording else "00"
+        ex.otel = RequestTrace(self, span)
 
     def finished(self, request: web.Request, ex: Exchange, now: float) -> None:
         """The app's finish hook (`state.FINISHED`): close the request's spans."""
@@ -319,21 +398,19 @@ class RequestTrace:
     attempt in flight. The pool and the relay call it through `Exchange.otel`."""
 
     __slots__ = (
-        "_ctx",
         "_sent",
         "attempt_span",
         "finish_reason",
         "response_id",
         "response_model",
         "server",
-        "tracer",
+        "tracing",
     )
 
-    def __init__(self, tracer: trace.Tracer, server: trace.Span) -> None:
-        self.tracer = tracer
+    def __init__(self, tracing: Tracing, server: Span) -> None:
+        self.tracing = tracing
         self.server = server
-        self._ctx = trace.set_span_in_context(server)
-        self.attempt_span: trace.Span | None = None
+        self.attempt_span: Span | None = None
         self._sent = 0.0
         self.response_id: str | None = None
         self.response_model: str | None = None
@@ -343,17 +420,16 @@ class RequestTrace:
         """A detached generation started by this request: a span in a trace of its own (it
         outlives the request), linked to this request's SERVER span and sampled with it.
         `ex`, the generation's own exchange, takes that trace's ids."""
-        span = self.tracer.start_span(
-            f"generation {(ex.model or '')[:MAX_VALUE]}",
-            context=Context(),
+        span = self.tracing.start_span(
+            f"generation {ex.model or ''}",
             kind=SpanKind.INTERNAL,
-            links=[Link(self.server.get_span_context())],
+            links=(Link(self.server.context),),
             attributes={"gen_ai.request.model": ex.model or "", "gen_ai.operation.name": "chat"},
         )
-        sc = span.get_span_context()
+        sc = span.context
         ex.trace_id, ex.span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
-        ex.trace_flags = "01" if sc.trace_flags.sampled else "00"
-        ex.otel = RequestTrace(self.tracer, span)
+        ex.trace_flags = "01" if span.recording else "00"
+        ex.otel = RequestTrace(self.tracing, span)
 
     # ---------------------------------------------------------- from the pool
 
@@ -363,7 +439,7 @@ class RequestTrace:
         """A CLIENT span for one try at `upstream`; returns the traceparent to send with it."""
         self._end_attempt()
         operation = _OPERATIONS.get(path)
-        attrs: dict[str, str | int] = {
+        attrs: dict[str, AttributeValue] = {
             "http.request.method": method,
             "server.address": base.host or "",
             "server.port": base.port or 0,
@@ -374,12 +450,12 @@ class RequestTrace:
             attrs["gen_ai.operation.name"] = operation
         if ex.model:
             attrs["gen_ai.request.model"] = ex.model
-        name = f"{operation} {ex.model[:MAX_VALUE]}" if operation and ex.model else method
-        span = self.attempt_span = self.tracer.start_span(
-            name, context=self._ctx, kind=SpanKind.CLIENT, attributes=attrs
+        name = f"{operation} {ex.model}" if operation and ex.model else method
+        span = self.attempt_span = self.tracing.start_span(
+            name, kind=SpanKind.CLIENT, parent=self.server.context, attributes=attrs
         )
         self._sent = now
-        sc = span.get_span_context()
+        sc = span.context
         return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
     def answered(self, status: int) -> None:
@@ -390,7 +466,7 @@ class RequestTrace:
         span.set_attribute("http.response.status_code", status)
         if status in _FAILED_STATUS:
             span.set_attribute("error.type", str(status))
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_error()
             self._end_attempt()
 
     def failed(self, exc: BaseException) -> None:
@@ -400,7 +476,7 @@ class RequestTrace:
         if span is not None:
             cause = exc.__cause__ or exc
             span.set_attribute("error.type", type(cause).__qualname__)
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_error()
             self._end_attempt()
 
     def retry(self, attempt: int, upstream: str) -> None:
@@ -456,7 +532,7 @@ class RequestTrace:
                 span.set_attribute("gen_ai.response.time_to_first_chunk", ex.ttfb - self._sent)
             if outcome in _FAILED_OUTCOMES:
                 span.set_attribute("error.type", outcome)
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_error()
             self._end_attempt()
         server = self.server
         if ex.status:
@@ -468,10 +544,10 @@ class RequestTrace:
             server.add_event("client_disconnected")
         if ex.status >= 500:
             server.set_attribute("error.type", str(ex.status))
-            server.set_status(Status(StatusCode.ERROR))
+            server.set_error()
         elif not ex.status and outcome in _FAILED_OUTCOMES:  # a generation has no status
             server.set_attribute("error.type", outcome)
-            server.set_status(Status(StatusCode.ERROR))
+            server.set_error()
         server.end()
 
     def _end_attempt(self) -> None:

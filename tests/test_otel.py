@@ -334,15 +334,15 @@ def test_a_full_queue_drops_and_counts_and_the_state_is_logged_per_change(
     tracing.start()
     try:
         for _ in range(10):  # faster than the export thread's 1 s schedule
-            tracing.tracer.start_span("x").end()
+            tracing.start_span("x").end()
         assert dropped._value.get() == 6  # type: ignore[attr-defined]
         tracing.flush()  # 4 fail at the collector: dropped too
         assert dropped._value.get() == 10  # type: ignore[attr-defined]
-        tracing.tracer.start_span("y").end()
+        tracing.start_span("y").end()
         tracing.flush()
         exporter.ok = True
         for _ in range(3):
-            tracing.tracer.start_span("z").end()
+            tracing.start_span("z").end()
             tracing.flush()
     finally:
         tracing.stop()
