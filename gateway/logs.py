@@ -95,12 +95,46 @@ class Redactor:
     def __call__(
         self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
+        if self._clean(event_dict):
+            return event_dict
         for key, value in event_dict.items():
             # An access line is mostly numbers and None: skip those before the ABC check.
             if type(value) not in _SCALARS and isinstance(value, (str, Mapping, list, tuple)):
                 event_dict[key] = self.scrub(value, key)
         return event_dict
 
+
+    def _clean(self, event_dict: Mapping[str, Any]) -> bool:
+        """True when no field can change: scalars and ASCII strings, no field named like a
+        credential, no literal secret and none of the shapes' fixed parts (`gw-`, `sk-`,
+        `eyJ`, `Bearer `, any case) in the values. The common line (an access line) is
+        judged in one pass over its values joined, instead of a regex per field.
+
+        Joined, a field's match is still a match (the separator is no word or base64url
+        character, so `\\b` and the look-behinds see it as a field's start does); ASCII
+        only, because `re.IGNORECASE` folds a few other letters onto `k` and `s`.
+        """
+        texts = []
+        for key, value in event_dict.items():
+            kind = type(value)
+            if kind is str:
+                if value and self._secret_name(key):
+                    return False
+                texts.append(value)
+            elif kind not in _SCALARS:
+                return False
+        joined = "\0".join(texts)
+        if not joined.isascii():
+            return False
+        for lit in self._literals:
+            if lit in joined:
+                return False
+        low = joined.lower()
+        return not any(part in low for part in _SHAPE_PARTS)
+
+
+# What every match of `_SECRET` contains, lower-cased.
+_SHAPE_PARTS = ("gw-", "sk-", "eyj", "bearer ")
 
 redact = Redactor()
 """The processor with no literal secrets: patterns and field names only."""
@@ -120,12 +154,18 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
 
 
 def configure(
-    cfg: LoggingConfig, stream: TextIO | None = None, *, secrets: Iterable[str] = ()
+    cfg: LoggingConfig,
+    stream: TextIO | None = None,
+    *,
+    secrets: Iterable[str] = (),
+    cache: bool = False,
 ) -> Redactor:
     """Configure structlog and the standard library's logging once, for the whole process.
 
     `secrets` are literal values never to be written (see `config_secrets`); the returned
-    redactor learns more of them on reload (`Redactor.prepare_reload`)."""
+    redactor learns more of them on reload (`Redactor.prepare_reload`). `cache`: each
+    module's logger is built on its first line and kept (the server, whose logging is
+    set once per process); off, every line builds it again, so that tests can reconfigure."""
     redact = Redactor(secrets)
     level = getattr(logging, cfg.level.upper())
     shared: list[Any] = [
@@ -143,7 +183,7 @@ def configure(
         processors=[*shared, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
     # aiohttp and asyncio log through the standard library: same destination, same format.
     handler = logging.StreamHandler(stream or sys.stdout)

@@ -149,3 +149,35 @@ async def test_a_huge_model_name_does_not_stall_the_access_line(
     lines = [orjson.loads(line) for line in captured.getvalue().splitlines()]
     assert any(e.get("event") == "access" and e.get("model") == model for e in lines)
     assert elapsed < 2.0, f"one request took {elapsed:.1f} s (the access line's redaction)"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/v1/chat/completions",
+        "127.0.0.1",
+        "2026-12-07T04:29:39.123456Z",
+        f"x {TEST_KEY}",
+        TEST_KEY.upper(),
+        "SK-proj-ABCDEFGHIJKLMNOP",
+        "bEaReR opaque_token_value",
+        "a.EYJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.sig",
+        "\u017fk-proj-abcdefghijklmnop",  # long s: IGNORECASE folds it onto s
+        "\u212a",  # Kelvin sign
+        "caf\u00e9 gw-",
+        "plain words only",
+        "",
+    ],
+)
+def test_a_line_judged_clean_in_one_pass_is_what_field_by_field_scrubbing_gives(
+    value: str,
+) -> None:
+    r = logs.Redactor([JWT_SECRET])
+    for event in (
+        {"event": "access", "model": value, "status": 200, "stream": True},
+        {"event": "access", "a": value[: len(value) // 2], "b": value[len(value) // 2 :]},
+        {"event": "x", "token": value, "n": None},
+        {"event": value, "path": f"/v1/models/{JWT_SECRET}"},
+    ):
+        expected = {k: r.scrub(v, k) for k, v in event.items()}
+        assert r(None, "", dict(event)) == expected

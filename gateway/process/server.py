@@ -201,7 +201,7 @@ def serve(cfg: Config, *, worker: bool = False) -> int:
     With `workers > 1` (and not already a worker) this process supervises the workers.
     """
     early = EarlyHangup()
-    redactor = logs.configure(cfg.logging, secrets=logs.config_secrets(cfg))
+    redactor = logs.configure(cfg.logging, secrets=logs.config_secrets(cfg), cache=True)
     for warning in cfg.warnings:
         log.warning("config_warning", detail=warning)
     soft, hard = raise_nofile_limit()
