@@ -21,6 +21,7 @@ class Exchange:
     trace_flags: str
     started: float  # loop.time() at arrival
     client: str | None = None
+    ip: str | None = None  # the caller's address (gateway.clientip): set by the per-IP throttle
     model: str | None = None
     stream: bool = False
     status: int = 0

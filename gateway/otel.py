@@ -42,7 +42,6 @@ from yarl import URL
 
 from .config import TracingConfig
 from .logs import loggable_path
-from .state import CLIENT_IP
 from .usage.tap import UsageTap, first_choice
 
 if TYPE_CHECKING:
@@ -405,7 +404,7 @@ class Tracing:
         if t is None:
             return
         if isinstance(t, RequestTrace):
-            address = request.get(CLIENT_IP) or request.remote or ""
+            address = ex.ip or request.remote or ""
             t.server.set_attribute("client.address", address)
         t.finish(ex)
 

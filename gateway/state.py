@@ -48,8 +48,6 @@ UNMETERED = PUBLIC + "unmetered:"
 EXCHANGE = web.RequestKey("exchange", Exchange)
 IDENTITY = web.RequestKey("identity", Identity)
 SLOT = web.RequestKey("slot", Slot)
-# The caller's address (gateway.clientip: TCP peer, or X-Forwarded-For from a trusted proxy).
-CLIENT_IP = web.RequestKey("client_ip", str)
 # The response whose headers have gone (set by the app's on_response_prepare hook): once it
 # is there, an error can no longer be a response of its own (`middlewares.errors`).
 STARTED = web.RequestKey("started", web.StreamResponse)

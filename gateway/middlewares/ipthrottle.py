@@ -2,7 +2,7 @@
 
 It runs before credentials are checked, so a flood of bad keys from one address is refused
 cheaply here. The address is the TCP peer, or what a trusted proxy forwarded
-(`gateway.clientip`); it is stored at `request[CLIENT_IP]` for the layers below.
+(`gateway.clientip`); it is noted on the exchange (`Exchange.ip`) for the access line.
 
 Probes, the metrics scrape and the demo page (`state.UNMETERED` routes) are not counted:
 /healthz is liveness, and must answer 200 even while a Redis limiter is unreachable.
@@ -17,7 +17,7 @@ from ..clientip import client_ip, limit_key
 from ..errors import RateLimited
 from ..limits import LIMITER
 from ..policy import PolicyHolder
-from ..state import CLIENT_IP, EXCHANGE, UNMETERED
+from ..state import EXCHANGE, UNMETERED
 
 
 def make_ip_throttle_middleware(holder: PolicyHolder) -> Middleware:
@@ -29,12 +29,13 @@ def make_ip_throttle_middleware(holder: PolicyHolder) -> Middleware:
             request.headers.getall(hdrs.X_FORWARDED_FOR, ()),
             policy.trusted_proxies,
         )
-        request[CLIENT_IP] = ip
+        ex = request[EXCHANGE]
+        ex.ip = ip
         name = request.match_info.route.name
         if policy.per_ip is not None and not (name and name.startswith(UNMETERED)):
             decision = await request.app[LIMITER].hit(f"ip:{limit_key(ip)}", policy.per_ip)
             if not decision.allowed:
-                request[EXCHANGE].reason = "ip_rpm"
+                ex.reason = "ip_rpm"
                 raise RateLimited(
                     "Too many requests from this address", retry_after=decision.retry_after
                 )

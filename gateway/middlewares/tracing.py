@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..exchange import Exchange
 from ..logs import loggable_path
-from ..state import CLIENT_IP, EXCHANGE, FINISHED, STARTED
+from ..state import EXCHANGE, FINISHED, STARTED
 from .headers import apply_response_headers
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _log(request: web.Request, ex: Exchange, now: float) -> None:
         "access",
         method=request.method,
         path=loggable_path(request.path),
-        ip=request.get(CLIENT_IP),
+        ip=ex.ip,
         client=ex.client,
         model=ex.model,
         stream=ex.stream,
