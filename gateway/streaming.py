@@ -177,6 +177,9 @@ class Pump:
                     block = process(block)
                     if block:
                         await send(block)
+                # Not held while the next read waits (a minute, on a slow model): 8,000
+                # open streams would keep their last event twice over.
+                data = block = b""
             if failure is None and (rest := self._splitter.flush()).strip():
                 # The last event lacked its blank line: complete it rather than drop it.
                 block = rest.rstrip(b"\r\n") + b"\n\n"
