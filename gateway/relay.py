@@ -101,19 +101,24 @@ class Heartbeat:
             self._task.cancel()
 
 
-async def relay_post(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses."""
+async def relay_post(
+    request: web.Request, *, read: validation.ReadBody | None = None
+) -> web.StreamResponse:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (`read`:
+    the body, when the route's own handler read it first)."""
     ex = request[EXCHANGE]
     # No frame of a stream keeps the parsed body or its bytes (a chat history can be large,
     # a stream can last minutes): they go straight into `_relay`, which drops them once sent.
-    return await _relay(request, ex, "POST", *await _read_post(request, ex))
+    return await _relay(request, ex, "POST", *await _read_post(request, ex, read))
 
 
-async def _read_post(request: web.Request, ex: Exchange) -> tuple[str, bytes, bool]:
+async def _read_post(
+    request: web.Request, ex: Exchange, read: validation.ReadBody | None
+) -> tuple[str, bytes, bool]:
     """Read and check a POST body: (upstream path, bytes to send, strip usage?)."""
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     validate, usage_capable = validation.POST_ROUTES[route]
-    raw, body = await validation.read_json(request)
+    raw, body = read.take() if read is not None else await validation.read_json(request)
     validate(body)
     ex.model = body["model"]
     ex.stream = body.get("stream") is True

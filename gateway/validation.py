@@ -17,6 +17,39 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 Body = dict[str, Any]
 
 
+async def _read_body(request: web.Request, cap: int) -> bytes:
+    """The body, read to its end, at most `cap` bytes (413 past it).
+
+    Not `request.read()`: aiohttp keeps what that returns on the request for the request's
+    life, and a stream's request lives as long as the stream (minutes, holding its prompt).
+    """
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"Request body is larger than {cap} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ReadBody:
+    """A body one handler read and looked at, handed to another that takes it once: after
+    `take()` the holder keeps nothing for the rest of a stream."""
+
+    __slots__ = ("_read",)
+
+    def __init__(self, raw: bytes, body: Body) -> None:
+        self._read: tuple[bytes, Body] | None = (raw, body)
+
+    def take(self) -> tuple[bytes, Body]:
+        read, self._read = self._read, None
+        if read is None:
+            raise RuntimeError("the body was taken already")
+        return read
+
+
 async def read_json(request: web.Request) -> tuple[bytes, Body]:
     """The raw body and its JSON object; 415 / 413 / 400 when it is not one."""
     ctype = request.headers.get("Content-Type")
@@ -36,15 +69,11 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
     try:
         if request.content.is_eof():
             # All of it arrived with the headers (the common small body): nothing to wait for.
-            raw = await request.read()
+            raw = await _read_body(request, server.max_body_bytes)
         else:
             # A body that never finishes must not hold the connection (and a handler) forever.
             async with asyncio.timeout(server.body_timeout):
-                raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"Request body is larger than {server.max_body_bytes} bytes"
-        ) from None
+                raw = await _read_body(request, server.max_body_bytes)
     except TimeoutError:
         raise RequestTimeout(
             f"Request body did not arrive within {server.body_timeout:g} seconds"

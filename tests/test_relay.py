@@ -282,3 +282,58 @@ async def test_a_200_json_route_answered_with_an_html_page_is_502(
     assert "<html" not in answer["error"]["message"].lower()
     access = [e for e in logs if e["event"] == "access"][-1]
     assert (access["status"], access["outcome"]) == (502, "upstream_error")
+
+
+async def test_an_open_stream_does_not_keep_its_request_body(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream
+) -> None:
+    """A stream's request lives as long as the stream: its prompt must not live with it
+    (aiohttp's `request.read()` keeps what it returns on the request)."""
+    import tracemalloc
+
+    from .conftest import TEST_KEY
+
+    release = asyncio.Event()
+    first_sent = asyncio.Event()
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        while await request.content.readany():  # read and drop: this upstream keeps nothing
+            pass
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+        first_sent.set()
+        await release.wait()
+        await out.write(b"data: [DONE]\n\n")
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_stream)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url)
+    size = 1_000_000  # under aiohttp's 1 MiB, past which it warns of a large bytes body
+    prompt = [{"role": "user", "content": "x" * size}]
+    body = json.dumps(chat_body(stream=True, messages=prompt)).encode()
+    del prompt
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
+        f"Authorization: Bearer {TEST_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    tracemalloc.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(head + body)
+        del body
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 30)
+        assert b" 200 " in status, status + await reader.read(2000)
+        await asyncio.wait_for(first_sent.wait(), 30)
+        held, _ = tracemalloc.get_traced_memory()
+        release.set()
+        rest = await asyncio.wait_for(reader.readuntil(b"data: [DONE]"), 10)
+        assert rest
+        writer.close()
+    finally:
+        tracemalloc.stop()
+    assert held < size // 2, f"{held >> 20} MiB held while the stream is open"

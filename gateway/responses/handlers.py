@@ -57,9 +57,12 @@ def _json(obj: objects.Json, status: int = 200) -> web.Response:
 
 async def create(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses: background ones start here; the rest are relayed."""
-    _, body = await validation.read_json(request)
+    raw, body = await validation.read_json(request)
     if body.get("background") is not True:
-        return await relay.relay_post(request)  # reads the (cached) body again
+        read = validation.ReadBody(raw, body)
+        del raw, body  # the relay takes them and lets them go once sent
+        return await relay.relay_post(request, read=read)
+    del raw  # a background response's upstream body is made anew below
     validation.responses(body)
     ex = request[EXCHANGE]
     model: str = body["model"]
