@@ -8,6 +8,8 @@ installed aiohttp, so an upgrade that changes them fails there, loudly, not in p
   It holds an upstream's `max_connections` slot for exactly the connection's use.
 - `fail_body`: make the pending (or next) read of an upstream body raise `exc`; the drain
   ends relays this way so each writes its own error event (`StreamReader.set_exception`).
+- `bytes_received`: body bytes an upstream response has received so far, read or not
+  (`StreamReader.total_bytes`): the upstream watchdog's sign of life.
 - `bytes_sent`: bytes a server response handed to its transport (`writer.output_size`).
 - `NEEDS_CLEANUP_CLOSED`: whether this Python still needs aiohttp's `enable_cleanup_closed`
   (CPython fixed the leak it works around in 3.12.7 and 3.13.1; asking for it on a fixed
@@ -45,6 +47,11 @@ def on_connection_release(response: aiohttp.ClientResponse, callback: Callable[[
 def fail_body(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     """The body's pending or next read raises `exc`."""
     response.content.set_exception(exc)
+
+
+def bytes_received(response: aiohttp.ClientResponse) -> int:
+    """Body bytes that arrived for `response` so far (decoded, whether read yet or not)."""
+    return response.content.total_bytes
 
 
 def bytes_sent(request: web.BaseRequest) -> int:

@@ -115,6 +115,38 @@ async def test_fail_body_makes_the_pending_read_raise(start_upstream: StartUpstr
     never.set()
 
 
+async def test_bytes_received_counts_body_bytes_whether_read_or_not(
+    start_upstream: StartUpstream,
+) -> None:
+    second = asyncio.Event()
+    written = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"12345")
+        await second.wait()
+        await resp.write(b"678")
+        written.set()
+        await second.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    up = await start_upstream(app)
+    async with aiohttp.ClientSession() as http, http.get(up.url.removesuffix("/v1") + "/") as resp:
+        assert await resp.content.readexactly(5) == b"12345"
+        assert aiohttp_seams.bytes_received(resp) == 5
+        second.set()
+        await written.wait()
+        for _ in range(100):  # until the client's loop has taken the 3 bytes off the socket
+            if aiohttp_seams.bytes_received(resp) == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert aiohttp_seams.bytes_received(resp) == 8  # arrived, not read yet
+        resp.close()
+
+
 def test_needs_cleanup_closed_agrees_with_aiohttp() -> None:
     assert aiohttp_seams.NEEDS_CLEANUP_CLOSED == aiohttp.connector.NEEDS_CLEANUP_CLOSED
 

@@ -77,6 +77,49 @@ async def test_idle_timeout_after_first_byte_ends_with_error_event(
     assert access["outcome"] == "timeout"
 
 
+async def test_a_stream_that_never_pauses_still_ends_at_total_timeout(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http
+) -> None:
+    app, events = stalling_upstream(gaps=(0.05,) * 400)  # 20 s of events, never silent
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, upstreams=[{"idle_timeout": 0.3, "total_timeout": 0.8}])
+    t0 = time.monotonic()
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    elapsed = time.monotonic() - t0
+    last = json.loads(body.rstrip(b"\n").split(b"\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "upstream_timeout"
+    assert body.count(b'"content":"x"') >= 5  # it flowed until the limit
+    assert 0.8 <= elapsed < 3.0
+    await asyncio.wait_for(events["closed"].wait(), 5)  # and the upstream was let go
+
+
+async def test_an_error_body_that_stalls_answers_a_stream_request_504(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http
+) -> None:
+    release = asyncio.Event()
+
+    async def half_an_error(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b'{"error":{"message":"bad')
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", half_an_error)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, upstreams=[{"idle_timeout": 0.3}], retry={"attempts": 1})
+    try:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"]["type"] == "timeout"
+    finally:
+        release.set()
+
+
 async def test_client_disconnect_closes_the_upstream_within_a_second(
     start_upstream: StartUpstream, gateway_factory: GatewayFactory
 ) -> None:

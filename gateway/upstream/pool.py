@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ..aiohttp_seams import on_connection_release
+from ..aiohttp_seams import bytes_received, fail_body, on_connection_release
 from ..config import NEVER_PASSED, BreakerConfig, Config, UpstreamConfig
 from ..errors import (
     GatewayError,
@@ -83,6 +83,7 @@ class Upstream:
     base: URL
     auth: str | None
     timeout: aiohttp.ClientTimeout
+    stream_timeout: aiohttp.ClientTimeout  # a stream's idle and total limits: `Watchdog`
     breaker: Breaker
     slots: asyncio.Semaphore  # max_connections responses in flight at once
     passed: frozenset[str]  # header names (lower case) this upstream takes from the client
@@ -112,6 +113,7 @@ class Upstream:
                 sock_connect=cfg.connect_timeout,
                 sock_read=cfg.idle_timeout,
             ),
+            stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
         )
 
     @property
@@ -266,7 +268,9 @@ class UpstreamPool:
                         up.name, up.base, ex, method, path, loop.time()
                     )
                 try:
-                    resp = await self._attempt(up, admission, method, path, body, headers, loop)
+                    resp = await self._attempt(
+                        up, admission, method, path, body, headers, loop, ex.stream
+                    )
                 except GatewayError as exc:
                     if ex.otel is not None:
                         ex.otel.failed(exc)
@@ -316,10 +320,11 @@ class UpstreamPool:
         body: bytes | None,
         headers: CIMultiDict[str],
         loop: asyncio.AbstractEventLoop,
+        stream: bool,
     ) -> aiohttp.ClientResponse:
         """One try at one upstream, with its verdict given to the breaker and the metrics."""
         try:
-            resp = await self._send(up, method, path, body, headers)
+            resp = await self._send(up, method, path, body, headers, stream)
         except SlotsBusy:
             # Nothing was sent: our own max_connections were all in use, which says nothing
             # of the upstream's health (a healthy one serving long streams fills them).
@@ -403,10 +408,15 @@ class UpstreamPool:
         path: str,
         body: bytes | None,
         headers: CIMultiDict[str],
+        stream: bool = False,
     ) -> aiohttp.ClientResponse:
+        """Send one request; `stream`: asked for a stream, whose answer's idle and total
+        limits a `Watchdog` keeps instead of aiohttp's per-chunk timer."""
         url = up.url(path)
         sent = up.outgoing(headers)
         slotted = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + up.cfg.total_timeout
         try:
             # first_byte_timeout bounds the wait for a connection slot too.
             async with asyncio.timeout(up.cfg.first_byte_timeout):
@@ -420,7 +430,7 @@ class UpstreamPool:
                         url,
                         data=body,
                         headers=sent,
-                        timeout=up.timeout,
+                        timeout=up.stream_timeout if stream else up.timeout,
                         allow_redirects=False,
                     )
                 except BaseException:
@@ -432,9 +442,66 @@ class UpstreamPool:
             raise UpstreamTimeout(f"upstream {up.name} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
-        if not on_connection_release(resp, up.slots.release):
-            up.slots.release()  # the whole body was read already and the connection went back
+        watchdog = Watchdog(resp, up.cfg.idle_timeout, deadline, loop) if stream else None
+
+        def release() -> None:
+            if watchdog is not None:
+                watchdog.stop()
+            up.slots.release()
+
+        if not on_connection_release(resp, release):
+            release()  # the whole body was read already and the connection went back
         return resp
+
+
+class Watchdog:
+    """A streamed answer's idle and total limits, on one lazily re-armed timer.
+
+    aiohttp's own (`ClientTimeout.sock_read`, `.total`) hold two timers per stream and
+    re-arm one on every chunk that arrives (2.8 us a chunk, for a stream of a thousand
+    tokens). A stream request goes without them (`Upstream.stream_timeout`); this timer
+    wakes every eighth of `idle` and, when no body byte arrived for `idle` (within that
+    eighth) or the answer ran past `deadline`, fails the pending read with TimeoutError:
+    the reader ends the stream `upstream_timeout` (or answers 504) as it did on aiohttp's.
+    Stopped when the response's connection is released or closed.
+    """
+
+    __slots__ = ("_deadline", "_handle", "_idle", "_last", "_loop", "_resp", "_seen", "_step")
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        idle: float,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._resp = resp
+        self._idle = idle
+        self._step = idle / 8
+        self._deadline = deadline
+        self._loop = loop
+        self._last = loop.time()  # when bytes were last seen to have arrived
+        self._seen = bytes_received(resp)
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._next(), self._fire)
+
+    def _next(self) -> float:
+        return min(self._loop.time() + self._step, self._deadline)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        seen = bytes_received(self._resp)
+        if seen != self._seen:
+            self._seen, self._last = seen, now
+        if now - self._last >= self._idle or now >= self._deadline:
+            self._handle = None
+            fail_body(self._resp, TimeoutError("upstream timed out"))
+            return
+        self._handle = self._loop.call_at(self._next(), self._fire)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class SlotsBusy(UpstreamTimeout):
