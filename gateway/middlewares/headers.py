@@ -26,8 +26,10 @@ def add_response_headers(request: web.Request, headers: Mapping[str, str]) -> No
 
 
 def apply_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Set the headers asked for with `add_response_headers` on `response` (a Vary adds)."""
-    pending = request.get(RESPONSE_HEADERS)
+    """Set the headers asked for with `add_response_headers` on `response` (a Vary adds).
+
+    Taken off the request: they are on their way, and a stream's request lives on."""
+    pending = request.pop(RESPONSE_HEADERS, None)
     if not pending:
         return
     out = response.headers

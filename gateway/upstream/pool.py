@@ -442,13 +442,9 @@ class UpstreamPool:
             raise UpstreamTimeout(f"upstream {up.name} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
-        watchdog = Watchdog(resp, up.cfg.idle_timeout, deadline, loop) if stream else None
-
-        def release() -> None:
-            if watchdog is not None:
-                watchdog.stop()
-            up.slots.release()
-
+        release = up.slots.release
+        if stream:  # the watchdog stops with the connection, then gives the slot back
+            release = Watchdog(resp, up.cfg.idle_timeout, deadline, loop, release).release
         if not on_connection_release(resp, release):
             release()  # the whole body was read already and the connection went back
         return resp
@@ -463,10 +459,21 @@ class Watchdog:
     wakes every eighth of `idle` and, when no body byte arrived for `idle` (within that
     eighth) or the answer ran past `deadline`, fails the pending read with TimeoutError:
     the reader ends the stream `upstream_timeout` (or answers 504) as it did on aiohttp's.
-    Stopped when the response's connection is released or closed.
+    `release()` (when the response's connection is released or closed) stops it and calls
+    `then`.
     """
 
-    __slots__ = ("_deadline", "_handle", "_idle", "_last", "_loop", "_resp", "_seen", "_step")
+    __slots__ = (
+        "_deadline",
+        "_handle",
+        "_idle",
+        "_last",
+        "_loop",
+        "_resp",
+        "_seen",
+        "_step",
+        "_then",
+    )
 
     def __init__(
         self,
@@ -474,8 +481,10 @@ class Watchdog:
         idle: float,
         deadline: float,
         loop: asyncio.AbstractEventLoop,
+        then: Callable[[], None],
     ) -> None:
         self._resp = resp
+        self._then = then
         self._idle = idle
         self._step = idle / 8
         self._deadline = deadline
@@ -498,10 +507,11 @@ class Watchdog:
             return
         self._handle = self._loop.call_at(self._next(), self._fire)
 
-    def stop(self) -> None:
+    def release(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._then()
 
 
 class SlotsBusy(UpstreamTimeout):
