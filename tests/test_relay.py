@@ -337,3 +337,55 @@ async def test_an_open_stream_does_not_keep_its_request_body(
     finally:
         tracemalloc.stop()
     assert held < size // 2, f"{held >> 20} MiB held while the stream is open"
+
+
+async def test_an_error_raised_through_the_pool_leaves_no_cycle_of_the_pools_own(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The gateway collects cycles rarely (process.server.GC_THRESHOLD), and a frame in a
+    cycle keeps its locals, the request's body among them, until then. aiohttp's own
+    connection errors make such cycles (below the pool, bounded by the breaker); the pool's
+    retry loop must not add one around every request it gives up on."""
+    import gc
+    import types
+
+    from .conftest import TEST_KEY
+
+    with socket_bound() as port:  # bound, never listening: connection refused
+        gw = await gateway_factory(f"http://127.0.0.1:{port}/v1", retry={"attempts": 2})
+        gc.collect()
+        gc.disable()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    f"{gw.url}/v1/chat/completions",
+                    json=chat_body(stream=False),
+                    headers={"Authorization": f"Bearer {TEST_KEY}"},
+                ) as r:
+                    assert r.status == 502, await r.text()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            in_cycles = {
+                o.f_code.co_qualname
+                for o in gc.garbage
+                if isinstance(o, types.FrameType) and "gateway" in o.f_code.co_filename
+            }
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert "UpstreamPool.open" not in in_cycles
+    assert not in_cycles & {"_relay", "relay_post", "UpstreamPool._attempt"}
+
+
+def socket_bound() -> Any:
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def bound() -> Any:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            yield s.getsockname()[1]
+
+    return bound()

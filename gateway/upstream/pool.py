@@ -292,7 +292,12 @@ class UpstreamPool:
             return last  # retries exhausted on upstream answers: relay the last one as sent
         if last_exc is None:  # pragma: no cover - open() found an allowed upstream first
             raise self._unavailable(order, loop.time())
-        raise last_exc
+        try:
+            raise last_exc
+        finally:
+            # Else this frame holds the exception whose traceback holds this frame: a cycle
+            # keeping the request's body until the collector's next (rare) run.
+            last_exc = None
 
     def _pick(
         self, order: list[Upstream], cursor: int, now: float, ex: Exchange | None = None
