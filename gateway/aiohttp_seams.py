@@ -10,6 +10,8 @@ installed aiohttp, so an upgrade that changes them fails there, loudly, not in p
   ends relays this way so each writes its own error event (`StreamReader.set_exception`).
 - `bytes_received`: body bytes an upstream response has received so far, read or not
   (`StreamReader.total_bytes`): the upstream watchdog's sign of life.
+- `unread_bytes`: body bytes an upstream response holds that its reader has not taken yet
+  (`StreamReader._size`): a reader behind (a slow client) is no upstream silence.
 - `bytes_sent`: bytes a server response handed to its transport (`writer.output_size`).
 - `NEEDS_CLEANUP_CLOSED`: whether this Python still needs aiohttp's `enable_cleanup_closed`
   (CPython fixed the leak it works around in 3.12.7 and 3.13.1; asking for it on a fixed
@@ -52,6 +54,12 @@ def fail_body(response: aiohttp.ClientResponse, exc: BaseException) -> None:
 def bytes_received(response: aiohttp.ClientResponse) -> int:
     """Body bytes that arrived for `response` so far (decoded, whether read yet or not)."""
     return response.content.total_bytes
+
+
+def unread_bytes(response: aiohttp.ClientResponse) -> int:
+    """Body bytes buffered for `response` and not read yet."""
+    size: int = response.content._size
+    return size
 
 
 def bytes_sent(request: web.BaseRequest) -> int:

@@ -115,7 +115,7 @@ async def test_fail_body_makes_the_pending_read_raise(start_upstream: StartUpstr
     never.set()
 
 
-async def test_bytes_received_counts_body_bytes_whether_read_or_not(
+async def test_bytes_received_and_unread_bytes_count_what_arrived_and_what_waits(
     start_upstream: StartUpstream,
 ) -> None:
     second = asyncio.Event()
@@ -144,6 +144,10 @@ async def test_bytes_received_counts_body_bytes_whether_read_or_not(
                 break
             await asyncio.sleep(0.01)
         assert aiohttp_seams.bytes_received(resp) == 8  # arrived, not read yet
+        assert aiohttp_seams.unread_bytes(resp) == 3
+        assert await resp.content.readexactly(3) == b"678"
+        assert aiohttp_seams.unread_bytes(resp) == 0
+        assert aiohttp_seams.bytes_received(resp) == 8
         resp.close()
 
 

@@ -95,6 +95,36 @@ async def test_a_stream_that_never_pauses_still_ends_at_total_timeout(
     await asyncio.wait_for(events["closed"].wait(), 5)  # and the upstream was let go
 
 
+async def test_a_slow_client_is_no_upstream_silence(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http
+) -> None:
+    """While the client does not read, the gateway stops reading the upstream (backpressure):
+    the upstream is not silent, and its stream must not be cut as idle."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"z" * 8000 + b'"}}]}\n\n'
+    count = 4000  # 32 MB: more than the sockets between here and the client hold
+
+    async def fast(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(count):
+            await resp.write(event)
+        await resp.write(DONE)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fast)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, upstreams=[{"idle_timeout": 0.3}])
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        await asyncio.sleep(1.5)  # the slow client: five idle timeouts without reading
+        rest = await resp.read()
+    assert first == event
+    assert rest.count(b'"content":"z') == count - 1
+    assert rest.endswith(DONE)
+
+
 async def test_an_error_body_that_stalls_answers_a_stream_request_504(
     start_upstream: StartUpstream, gateway_factory: GatewayFactory, http
 ) -> None:

@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ..aiohttp_seams import bytes_received, fail_body, on_connection_release
+from ..aiohttp_seams import bytes_received, fail_body, on_connection_release, unread_bytes
 from ..config import NEVER_PASSED, BreakerConfig, Config, UpstreamConfig
 from ..errors import (
     GatewayError,
@@ -462,8 +462,9 @@ class Watchdog:
     re-arm one on every chunk that arrives (2.8 us a chunk, for a stream of a thousand
     tokens). A stream request goes without them (`Upstream.stream_timeout`); this timer
     wakes every eighth of `idle` and, when no body byte arrived for `idle` (within that
-    eighth) or the answer ran past `deadline`, fails the pending read with TimeoutError:
-    the reader ends the stream `upstream_timeout` (or answers 504) as it did on aiohttp's.
+    eighth) while none waited to be read, or the answer ran past `deadline`, fails the
+    pending read with TimeoutError: the reader ends the stream `upstream_timeout` (or
+    answers 504) as it did on aiohttp's.
     `release()` (when the response's connection is released or closed) stops it and calls
     `then`.
     """
@@ -504,7 +505,9 @@ class Watchdog:
     def _fire(self) -> None:
         now = self._loop.time()
         seen = bytes_received(self._resp)
-        if seen != self._seen:
+        # Bytes waiting for the reader (a slow client: aiohttp stops reading the upstream
+        # while they wait) are no silence of the upstream's.
+        if seen != self._seen or unread_bytes(self._resp):
             self._seen, self._last = seen, now
         if now - self._last >= self._idle or now >= self._deadline:
             self._handle = None
