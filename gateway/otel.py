@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
@@ -75,7 +76,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
-MAX_EVENTS = 128  # per span, as the SDK's default limit: a long stall pings for hours
+MAX_EVENTS = 128  # per span, the SDK's default limit: a long stall pings for hours
 
 
 def _cut(value: AttributeValue) -> AttributeValue:
@@ -144,7 +145,7 @@ class Span:
         self.kind = kind
         self.attributes = attributes
         self.links = links
-        self.events: list[Event] = []
+        self.events: Sequence[Event] = ()  # a BoundedList from the first event on
         self.status = _UNSET
         self.start = time.time_ns()
 
@@ -157,8 +158,12 @@ class Span:
             self.attributes[key] = _cut(value)
 
     def add_event(self, name: str, attributes: dict[str, AttributeValue] | None = None) -> None:
-        if self._tracing is not None and len(self.events) < MAX_EVENTS:
-            self.events.append(Event(name, attributes or {}, time.time_ns()))
+        if self._tracing is None:
+            return
+        if not isinstance(self.events, BoundedList):
+            # The SDK's own: past MAX_EVENTS it keeps the latest and counts the dropped.
+            self.events = BoundedList(MAX_EVENTS)
+        self.events.append(Event(name, attributes or {}, time.time_ns()))
 
     def set_error(self) -> None:
         if self._tracing is not None:
@@ -298,9 +303,8 @@ class Tracing:
         made = Resource.create({"service.name": cfg.service_name})
         self.resource = _Resource(made.attributes, made.schema_url)
         self.scope = InstrumentationScope("gateway")
-        # The SDK's TraceIdRatioBased, bound computed once: a root span is sampled when its
-        # trace id's low 64 bits fall under it (so every gateway decides a trace alike).
-        self._bound = TraceIdRatioBased.get_bound_for_rate(cfg.sample_ratio)
+        # The SDK's own sampler decides a root (as every SDK-traced service does, by id).
+        self._ratio = TraceIdRatioBased(cfg.sample_ratio)
         self._ids = RandomIdGenerator()
         self._dropped = dropped
         self._max_queue = max_queue
@@ -357,7 +361,7 @@ class Tracing:
             if links:
                 sampled = any(link.context.trace_flags.sampled for link in links)
             else:
-                sampled = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+                sampled = self._ratio.should_sample(None, trace_id, name).decision.is_sampled()
         context = SpanContext(
             trace_id,
             span_id or self._ids.generate_span_id(),

@@ -520,3 +520,27 @@ async def test_a_detached_streams_id_is_not_exported_in_spans(
     assert get.attrs["url.path"].startswith("/v1/streams/")
     for span in otlp_receiver.spans:
         assert stream_id not in json.dumps(span.attrs, default=str), span.name
+
+
+def test_a_span_keeps_its_latest_events_and_counts_the_dropped() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry, Counter
+
+    from gateway.otel import MAX_EVENTS
+
+    exporter = InMemorySpanExporter()
+    cfg = config.TracingConfig(endpoint="http://127.0.0.1:9/v1/traces")
+    tracing = Tracing(cfg, Counter("d", "", registry=CollectorRegistry()), exporter=exporter)
+    tracing.start()
+    try:
+        span = tracing.start_span("stalled")
+        for i in range(MAX_EVENTS + 2):
+            span.add_event("heartbeat_only", {"n": i})
+        span.end()
+        tracing.flush()
+    finally:
+        tracing.stop()
+    (exported,) = exporter.get_finished_spans()
+    assert len(exported.events) == MAX_EVENTS
+    assert exported.events[-1].attributes == {"n": MAX_EVENTS + 1}  # the latest are kept
+    assert exported.dropped_events == 2

@@ -421,12 +421,12 @@ class UpstreamPool:
         sent = up.outgoing(headers)
         slotted = False
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + up.cfg.total_timeout
         try:
             # first_byte_timeout bounds the wait for a connection slot too.
             async with asyncio.timeout(up.cfg.first_byte_timeout):
                 await up.slots.acquire()
                 slotted = True
+                deadline = loop.time() + up.cfg.total_timeout  # from the send, as aiohttp's
                 try:
                     # A redirect is relayed as sent, never followed: following it would
                     # carry the upstream's key wherever the Location points.
