@@ -34,7 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -361,7 +361,8 @@ class Tracing:
             if links:
                 sampled = any(link.context.trace_flags.sampled for link in links)
             else:
-                sampled = self._ratio.should_sample(None, trace_id, name).decision.is_sampled()
+                decision = self._ratio.should_sample(None, trace_id, name).decision
+                sampled = decision is Decision.RECORD_AND_SAMPLE
         context = SpanContext(
             trace_id,
             span_id or self._ids.generate_span_id(),
