@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .bodies import read_capped
 from .errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .state import CONFIG
 
@@ -18,20 +19,11 @@ Body = dict[str, Any]
 
 
 async def _read_body(request: web.Request, cap: int) -> bytes:
-    """The body, read to its end, at most `cap` bytes (413 past it).
-
-    Not `request.read()`: aiohttp keeps what that returns on the request for the request's
-    life, and a stream's request lives as long as the stream (minutes, holding its prompt).
-    """
-    content = request.content
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > cap:
-            raise PayloadTooLarge(f"Request body is larger than {cap} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    """Not `request.read()`: aiohttp keeps what that returns on the request for the
+    request's life, and a stream's request lives as long as the stream (with its prompt)."""
+    return await read_capped(
+        request.content, cap, lambda: PayloadTooLarge(f"Request body is larger than {cap} bytes")
+    )
 
 
 class ReadBody:

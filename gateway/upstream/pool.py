@@ -27,6 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..aiohttp_seams import bytes_received, fail_body, on_connection_release, unread_bytes
+from ..bodies import read_capped
 from ..config import NEVER_PASSED, BreakerConfig, Config, UpstreamConfig
 from ..errors import (
     GatewayError,
@@ -549,29 +550,22 @@ async def error_object(resp: aiohttp.ClientResponse, api_key: str) -> bytes | No
 
 
 async def read_to_end(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The whole body of `resp`, at most `cap` bytes (more: `AnswerTooLarge`).
-
-    `StreamReader.read(n)` answers with what is buffered, not with n bytes: a body arriving
-    in several TCP reads would be cut. This reads until the end, refusing at once a
-    `Content-Length` over the cap and otherwise as soon as the bytes read pass it. Client
-    errors become the gateway's (timeout: 504, anything else: 502).
-    """
+    """The whole body of `resp`, at most `cap` bytes (more: `AnswerTooLarge`), read to its
+    end (`bodies.read_capped`); a `Content-Length` over the cap is refused at once. Client
+    errors become the gateway's (timeout: 504, anything else: 502)."""
     length = resp.content_length
     if length is not None and length > cap:
-        raise AnswerTooLarge("upstream answer too large", code="bad_upstream_response")
-    chunks: list[bytes] = []
-    size = 0
+        raise _too_large()
     try:
-        while chunk := await resp.content.readany():
-            size += len(chunk)
-            if size > cap:
-                raise AnswerTooLarge("upstream answer too large", code="bad_upstream_response")
-            chunks.append(chunk)
+        return await read_capped(resp.content, cap, _too_large)
     except TimeoutError:
         raise UpstreamTimeout("upstream timed out") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("upstream connection lost") from exc
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large() -> AnswerTooLarge:
+    return AnswerTooLarge("upstream answer too large", code="bad_upstream_response")
 
 
 def _discard(resp: aiohttp.ClientResponse) -> None:
