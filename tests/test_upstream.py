@@ -173,3 +173,43 @@ async def test_backoff_is_full_jitter_under_an_exponential_cap(
         draws = [p._backoff(retry) for _ in range(300)]
         assert all(0 <= d <= cap for d in draws)
         assert max(draws) > cap * 0.8 and min(draws) < cap * 0.2  # spread over the range
+
+
+async def test_the_watchdog_never_replaces_an_error_the_body_already_has(
+    start_upstream: StartUpstream,
+) -> None:
+    """An upstream that drops its connection mid-body leaves the read an error of its own
+    (upstream_disconnected); the watchdog, firing later, must not turn it into a timeout."""
+    from aiohttp import web
+
+    from gateway.upstream.pool import Watchdog
+
+    async def drop(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: {}\n\n")
+        assert request.transport is not None
+        request.transport.close()  # mid-body: the chunked body never ends
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/drop", drop)
+    up = await start_upstream(app)
+    loop = asyncio.get_running_loop()
+    url = up.url.removesuffix("/v1") + "/drop"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        dog = Watchdog(resp, 0.05, loop.time() + 30, loop, lambda: None)
+        assert await resp.content.readexactly(10) == b"data: {}\n\n"  # nothing left unread
+        for _ in range(300):  # until the connection's loss is known to the body
+            if resp.content.exception() is not None:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(300):  # and the watchdog has seen more than its idle limit pass
+            if dog.stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert dog.stopped
+        with pytest.raises(aiohttp.ClientPayloadError):
+            while await resp.content.readany():
+                pass
+        dog.release()

@@ -503,7 +503,16 @@ class Watchdog:
     def _next(self) -> float:
         return min(self._loop.time() + self._step, self._deadline)
 
+    @property
+    def stopped(self) -> bool:
+        return self._handle is None
+
     def _fire(self) -> None:
+        if self._resp.content.exception() is not None:
+            # The body failed already (the upstream dropped it, the drain ended it): that is
+            # what its reader must hear, not a timeout on top.
+            self._handle = None
+            return
         now = self._loop.time()
         seen = bytes_received(self._resp)
         # Bytes waiting for the reader (a slow client: aiohttp stops reading the upstream
