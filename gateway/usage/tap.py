@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..sse import encode_event, event_start, iter_events, parse_event
+from ..sse import SSEEvent, encode_event, event_start, iter_events, parse_event
 
 __all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested", "first_choice"]
 
@@ -53,6 +53,8 @@ _NULL_FIRST = re.compile(rb'\{[ \t]*"usage"[ \t]*:[ \t]*null(?:[ \t]*,[ \t]*)?')
 # What is worth a parse: a usage key whose value is not null, or a finish reason being set.
 # Possessive `*+` so that the blank before `null` cannot be given back to dodge `(?!null)`.
 _WORTH_PARSING = re.compile(rb'"usage"[ \t]*+:[ \t]*+(?!null)|"finish_reason"[ \t]*+:[ \t]*+"')
+# Any `"usage": null` left after the compact spelling's byte replacement.
+_NULL = re.compile(rb'"usage"[ \t]*:[ \t]*null')
 # `data: [DONE]` as a line of its own, matched at a line start (see `_has_done`).
 _DONE_LINE = re.compile(rb"data: ?\[DONE\][ \t]*(?:\r\n|\r|\n)")
 
@@ -147,24 +149,14 @@ class UsageTap:
         """
         if _has_done(block):
             self.done = True
-        usages = block.count(b'"usage"')
-        finishes = block.count(b'"finish_reason"')
-        if not usages and not finishes:
-            return block
-        if self.strip and usages:
+        if self.strip and b'"usage"' in block:
             block = block.replace(b',"usage":null', b"")  # OpenAI's own spelling: fastest
-            usages = block.count(b'"usage"')
-            if usages > block.count(b'"usage":{'):
+            if _NULL.search(block):
                 # A null spelled another way (spaces, first key): the regexes, which try
                 # every byte, only then.
                 block = _NULL_FIRST.sub(b"{", _NULL_AFTER_COMMA.sub(b"", block))
-                usages = block.count(b'"usage"')
-        # Every key spelled `:null` the compact way (OpenAI's every chunk but the last two):
-        # nothing to note, and two counts cost less than the regex below.
-        if usages == block.count(b'"usage":null') and finishes == block.count(
-            b'"finish_reason":null'
-        ):
-            return block
+        # One scan for the first event worth a parse (most blocks have none): every key of
+        # the kind is looked at where it is, whatever its spelling.
         first = _WORTH_PARSING.search(block)
         if first is None:
             return block
@@ -178,15 +170,30 @@ class UsageTap:
         return block[:start] + tail if start else tail
 
     def _process_event(self, raw: bytes) -> bytes:
-        event = parse_event(raw)
-        if event is None or event.data is None:
-            return raw
-        try:
-            obj = _loads(event.data)
-        except ValueError:
-            return raw  # not JSON: not ours to judge, forward it
+        event: SSEEvent | None = None
+        obj: Any = None
+        if (
+            raw.startswith(b"data: ")
+            and raw.endswith(b"\n\n")
+            and raw.find(b"\n") == len(raw) - 2
+            and b"\r" not in raw
+        ):
+            # The one shape upstreams send, `data: {...}` and its blank line: no field to
+            # parse but the data (anything else, or bytes that do not parse, goes the long way).
+            try:
+                obj = _loads(raw[6:-2])
+            except ValueError:
+                obj = None
         if not isinstance(obj, dict):
-            return raw
+            event = parse_event(raw)
+            if event is None or event.data is None:
+                return raw
+            try:
+                obj = _loads(event.data)
+            except ValueError:
+                return raw  # not JSON: not ours to judge, forward it
+            if not isinstance(obj, dict):
+                return raw
         choices = obj.get("choices")
         if isinstance(choices, list):
             self._note_finish(choices)
@@ -205,6 +212,8 @@ class UsageTap:
             return b""  # a usage-only chunk: the client never asked for it
         del obj["usage"]
         data = _dumps(obj).decode()
+        if event is None:
+            return encode_event(data)
         return encode_event(data, event=event.event, id=event.id, retry=event.retry)
 
     def _note_usage(self, obj: object) -> None:
