@@ -265,7 +265,9 @@ class _BoundedBatch(SpanProcessor):
             exporter,
             max_queue_size=max_queue,
             schedule_delay_millis=1000,
-            max_export_batch_size=min(512, max_queue),
+            # Half the queue a request: the collector's POST, and the grouping by resource
+            # the encoder does per batch, cost per batch, not per span.
+            max_export_batch_size=max(1, max_queue // 2),
         )
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -465,7 +467,6 @@ class RequestTrace:
             "server.address": base.host or "",
             "server.port": base.port or 0,
             "gen_ai.provider.name": upstream,
-            "gateway.attempt": ex.attempts,
         }
         if operation is not None:
             attrs["gen_ai.operation.name"] = operation
@@ -559,8 +560,6 @@ class RequestTrace:
         if ex.status:
             server.set_attribute("http.response.status_code", ex.status)
         server.set_attribute("gateway.outcome", outcome)
-        if ex.upstream is not None:
-            server.set_attribute("gateway.upstream", ex.upstream)
         if outcome == "client_disconnected":
             server.add_event("client_disconnected")
         if ex.status >= 500:

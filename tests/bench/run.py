@@ -431,7 +431,7 @@ class Bench:
 
 
 # S1 and S4 rounds per target (each round a 1/ROUNDS share of the plan's requests).
-ROUNDS = 5
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
