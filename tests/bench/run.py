@@ -307,9 +307,7 @@ class Bench:
                     total=self.plan.s5_streams // ROUNDS,
                     deadline=60,
                 )
-                stats[name].ttfe.extend(st.ttfe)
-                stats[name].completed += st.completed
-                stats[name].errors.update(st.errors)
+                stats[name].add(st)
         for name, st in stats.items():
             self.record(
                 "S5",
@@ -340,10 +338,7 @@ class Bench:
                     gaps=True,
                 )
                 cpu[name] += self.settle(proxy) - cpu0
-                stats[name].gaps.extend(st.gaps)
-                stats[name].events += st.events
-                stats[name].completed += st.completed
-                stats[name].errors.update(st.errors)
+                stats[name].add(st)
         for name, st in stats.items():
             self.record(
                 "S2",

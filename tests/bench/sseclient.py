@@ -33,6 +33,16 @@ class Stats:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    def add(self, other: Stats) -> None:
+        """Count `other`'s run in with this one (rounds of one target)."""
+        self.ttfe.extend(other.ttfe)
+        self.gaps.extend(other.gaps)
+        self.events += other.events
+        self.completed += other.completed
+        self.first_events += other.first_events
+        self.errors.update(other.errors)
+        self.wall += other.wall
+
 
 class _Conn(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
