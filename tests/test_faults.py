@@ -69,37 +69,46 @@ async def fault_handler(request: web.Request) -> web.StreamResponse:
             }
         )
     resp = await _sse(request)
+    if not await write_fault(request, resp, kind, arg, EVENTS):
+        await resp.write(GOOD)
+        await resp.write_eof()
+    return resp
+
+
+async def write_fault(
+    request: web.Request, resp: web.StreamResponse, kind: str, arg: str, events: list[bytes]
+) -> bool:
+    """The stream fault `kind` (with `arg`) over a stream of `events`: True when it ended the
+    response itself (or dropped the connection), False when a good stream is still owed."""
     if kind == "reset":
         # Write the first `arg` bytes of a good stream, then drop the socket (no chunked end).
-        await resp.write(GOOD[: int(arg)])
+        await resp.write((b"".join(events) + DONE)[: int(arg)])
         await asyncio.sleep(0.05)  # let the bytes leave before the RST
         assert request.transport is not None
         request.transport.abort()
-        return resp
+        return True
     if kind == "stall-chunks":
-        await resp.write(EVENTS[0])
+        await resp.write(events[0])
         await asyncio.sleep(float(arg))
     elif kind == "huge-line":
         block = b"x" * (64 << 10)
-        await resp.write(EVENTS[0] + b"data: ")
+        await resp.write(events[0] + b"data: ")
         for _ in range(int(arg) // len(block)):
             await resp.write(block)
         await resp.write(b"\n\n")
     elif kind == "bad-utf8":
         await resp.write(
-            EVENTS[0] + b'data: {"choices": [{"delta": {"content": "\xff\xfe\xc3"}}]}\n\n'
+            events[0] + b'data: {"choices": [{"delta": {"content": "\xff\xfe\xc3"}}]}\n\n'
         )
     elif kind == "bad-json-chunk":
         await resp.write(
-            EVENTS[0] + b'data: {"choices": [{"delta": \n\n' + b'data: {"usage": {\xff\n\n'
+            events[0] + b'data: {"choices": [{"delta": \n\n' + b'data: {"usage": {\xff\n\n'
         )
     elif kind == "no-done":
-        await resp.write(b"".join(EVENTS))
+        await resp.write(b"".join(events))
         await resp.write_eof()
-        return resp
-    await resp.write(b"".join(EVENTS) + DONE)
-    await resp.write_eof()
-    return resp
+        return True
+    return False
 
 
 def fault_app() -> web.Application:

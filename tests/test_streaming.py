@@ -23,28 +23,14 @@ from aiohttp import web
 from gateway.streaming import data_events
 
 from .conftest import Gateway, GatewayFactory, StartUpstream
+from .test_faults import DONE, SSE, chunk, write_fault
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
-
-
-def chunk(content: str, finish: str | None = None) -> bytes:
-    delta = {"content": content} if content else {}
-    obj = {
-        "id": "c1",
-        "object": "chat.completion.chunk",
-        "model": "mock-gpt",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
 USAGE_EVENT = b"data: " + json.dumps({"choices": [], "usage": USAGE}).encode() + b"\n\n"
 # Content that holds the bytes `data:` must not count as extra events.
 WORDS = ["w0 ", "data: w1 ", "w2 data:data: ", "w3 ", "w4 ", "w5"]
 EVENTS = [chunk(w) for w in WORDS] + [chunk("", "stop"), USAGE_EVENT]
-DONE = b"data: [DONE]\n\n"
 GOOD = b"".join(EVENTS) + DONE
-SSE = {"Content-Type": "text/event-stream"}
 
 
 def _ends() -> list[int]:
@@ -67,36 +53,9 @@ async def catalogue(request: web.Request) -> web.StreamResponse:
         return web.json_response({"choices": [{"message": {"content": "ok"}}], "usage": USAGE})
     resp = web.StreamResponse(headers=SSE)
     await resp.prepare(request)
-    if kind == "reset":
-        await resp.write(GOOD[: int(arg)])
-        await asyncio.sleep(0.05)  # let the bytes leave before the RST
-        assert request.transport is not None
-        request.transport.abort()
-        return resp
-    if kind == "stall":
-        await resp.write(EVENTS[0])
-        await asyncio.sleep(float(arg))
-    elif kind == "hang":  # three events, then silence until the gateway hangs up
+    if kind == "hang":  # three events, then silence until the gateway hangs up
         await resp.write(b"".join(EVENTS[:3]))
         await asyncio.Event().wait()
-    elif kind == "huge-line":
-        block = b"x" * (64 << 10)
-        await resp.write(EVENTS[0] + b"data: ")
-        for _ in range(int(arg) // len(block)):
-            await resp.write(block)
-        await resp.write(b"\n\n")
-    elif kind == "bad-utf8":
-        await resp.write(
-            EVENTS[0] + b'data: {"choices": [{"delta": {"content": "\xff\xfe\xc3"}}]}\n\n'
-        )
-    elif kind == "bad-json":
-        await resp.write(
-            EVENTS[0] + b'data: {"choices": [{"delta": \n\n' + b'data: {"usage": {\xff\n\n'
-        )
-    elif kind == "no-done":
-        await resp.write(b"".join(EVENTS))
-        await resp.write_eof()
-        return resp
     elif kind == "no-blank":  # [DONE] as the last event, without its blank line
         await resp.write(GOOD.removesuffix(b"\n\n"))
         await resp.write_eof()
@@ -104,6 +63,8 @@ async def catalogue(request: web.Request) -> web.StreamResponse:
     elif kind == "tail-no-blank":  # a content event without its blank line, then the close
         await resp.write(b"".join(EVENTS[:3]) + chunk("tail").removesuffix(b"\n\n"))
         await resp.write_eof()
+        return resp
+    elif await write_fault(request, resp, kind, arg, EVENTS):
         return resp
     await resp.write(GOOD)
     await resp.write_eof()
@@ -247,9 +208,9 @@ CATALOGUE: dict[str, tuple[str, str | None, tuple[int, int], str]] = {
         f"reset:{cut}": _cut(cut)
         for cut in (0, 20, ENDS[0], ENDS[2] + 30, ENDS[-2], ENDS[-1], ENDS[-1] + 5)
     },
-    "stall:5": ("timeout", "upstream_timeout", (0, 1), _text(1)),
+    "stall-chunks:5": ("timeout", "upstream_timeout", (0, 1), _text(1)),
     "bad-utf8": ("completed", None, (5, 6), "w0 \ufffd\ufffd\ufffd" + FULL),
-    "bad-json": ("completed", None, (5, 6), "w0 " + FULL),
+    "bad-json-chunk": ("completed", None, (5, 6), "w0 " + FULL),
     "no-done": ("upstream_error", "stream_truncated", (5, 6), FULL),
     "no-blank": ("completed", None, (5, 6), FULL),
     "tail-no-blank": ("upstream_error", "stream_truncated", (0, 4), _text(3) + "tail"),
