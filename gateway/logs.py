@@ -103,7 +103,6 @@ class Redactor:
                 event_dict[key] = self.scrub(value, key)
         return event_dict
 
-
     def _clean(self, event_dict: Mapping[str, Any]) -> bool:
         """True when no field can change: scalars and ASCII strings, no field named like a
         credential, no literal secret and none of the shapes' fixed parts (`gw-`, `sk-`,

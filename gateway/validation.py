@@ -21,9 +21,11 @@ Body = dict[str, Any]
 async def _read_body(request: web.Request, cap: int) -> bytes:
     """Not `request.read()`: aiohttp keeps what that returns on the request for the
     request's life, and a stream's request lives as long as the stream (with its prompt)."""
-    return await read_capped(
-        request.content, cap, lambda: PayloadTooLarge(f"Request body is larger than {cap} bytes")
-    )
+    return await read_capped(request.content, cap, lambda: _too_large(cap))
+
+
+def _too_large(cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than {cap} bytes")
 
 
 class ReadBody:
@@ -57,7 +59,7 @@ async def read_json(request: web.Request) -> tuple[bytes, Body]:
     server = request.app[CONFIG].server
     if (request.content_length or 0) > server.max_body_bytes:
         # Refused on the declared length, without waiting for bytes that may never come.
-        raise PayloadTooLarge(f"Request body is larger than {server.max_body_bytes} bytes")
+        raise _too_large(server.max_body_bytes)
     try:
         if request.content.is_eof():
             # All of it arrived with the headers (the common small body): nothing to wait for.

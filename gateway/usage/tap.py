@@ -170,30 +170,9 @@ class UsageTap:
         return block[:start] + tail if start else tail
 
     def _process_event(self, raw: bytes) -> bytes:
-        event: SSEEvent | None = None
-        obj: Any = None
-        if (
-            raw.startswith(b"data: ")
-            and raw.endswith(b"\n\n")
-            and raw.find(b"\n") == len(raw) - 2
-            and b"\r" not in raw
-        ):
-            # The one shape upstreams send, `data: {...}` and its blank line: no field to
-            # parse but the data (anything else, or bytes that do not parse, goes the long way).
-            try:
-                obj = _loads(raw[6:-2])
-            except ValueError:
-                obj = None
-        if not isinstance(obj, dict):
-            event = parse_event(raw)
-            if event is None or event.data is None:
-                return raw
-            try:
-                obj = _loads(event.data)
-            except ValueError:
-                return raw  # not JSON: not ours to judge, forward it
-            if not isinstance(obj, dict):
-                return raw
+        obj, event = _event_object(raw)
+        if obj is None:
+            return raw  # no JSON object: not ours to judge, forward it
         choices = obj.get("choices")
         if isinstance(choices, list):
             self._note_finish(choices)
@@ -232,6 +211,36 @@ class UsageTap:
         choice = first_choice(choices)
         if choice is not None and isinstance(reason := choice.get("finish_reason"), str):
             self.finish_reason = reason
+
+
+def _event_object(raw: bytes) -> tuple[dict[str, Any] | None, SSEEvent | None]:
+    """An event's data as a JSON object, and the event when it had to be parsed for it.
+
+    The one shape upstreams send, `data: {...}` and its blank line, has no field but the
+    data: its bytes are loaded as they are. Anything else, or bytes that do not load (the
+    SSE parser reads invalid UTF-8 as U+FFFD), goes through `parse_event`.
+    """
+    if (
+        raw.startswith(b"data: ")
+        and raw.endswith(b"\n\n")
+        and raw.find(b"\n") == len(raw) - 2
+        and b"\r" not in raw
+    ):
+        try:
+            obj = _loads(raw[6:-2])
+        except ValueError:
+            pass
+        else:
+            if isinstance(obj, dict):
+                return obj, None
+    event = parse_event(raw)
+    if event is None or event.data is None:
+        return None, event
+    try:
+        obj = _loads(event.data)
+    except ValueError:
+        return None, event
+    return (obj if isinstance(obj, dict) else None), event
 
 
 def first_choice(choices: object) -> dict[str, Any] | None:
