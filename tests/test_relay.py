@@ -12,7 +12,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from .conftest import UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
+from .conftest import TEST_KEY, UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
 
 
 def sse_data(body: bytes) -> list[str]:
@@ -291,8 +291,6 @@ async def test_an_open_stream_does_not_keep_its_request_body(
     (aiohttp's `request.read()` keeps what it returns on the request)."""
     import tracemalloc
 
-    from .conftest import TEST_KEY
-
     release = asyncio.Event()
     first_sent = asyncio.Event()
 
@@ -337,6 +335,45 @@ async def test_an_open_stream_does_not_keep_its_request_body(
     finally:
         tracemalloc.stop()
     assert held < size // 2, f"{held >> 20} MiB held while the stream is open"
+
+
+async def test_middlewares_that_only_look_hold_no_frame_while_a_stream_runs(
+    gateway_factory: GatewayFactory, start_upstream: StartUpstream, http: aiohttp.ClientSession
+) -> None:
+    """Auth and CORS decide before the handler runs and touch nothing after it: an open
+    stream (thousands of them, in a reconnect storm) keeps no coroutine frame of theirs."""
+    import gc
+    import inspect
+
+    release = asyncio.Event()
+    first_sent = asyncio.Event()
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+        first_sent.set()
+        await release.wait()
+        await out.write(b"data: [DONE]\n\n")
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_stream)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, cors={"allow_origins": ["http://app.example"]})
+    headers = {"Authorization": f"Bearer {TEST_KEY}", "Origin": "http://app.example"}
+    async with http.post(
+        f"{gw.url}/v1/chat/completions", json=chat_body(stream=True), headers=headers
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://app.example"
+        await asyncio.wait_for(first_sent.wait(), 30)
+        live = {o.cr_code.co_name for o in gc.get_objects() if inspect.iscoroutine(o)}
+        release.set()
+        assert b"[DONE]" in await resp.read()
+    assert "relay_post" in live  # the stream's own frames are there to be found
+    assert not live & {"auth", "cors"}, live
 
 
 async def test_an_error_raised_through_the_pool_leaves_no_cycle_of_the_pools_own(

@@ -15,13 +15,14 @@ demo page served here posts to its own host, and is served without CORS headers.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..config import TOKEN_CHARS
 from ..errors import Forbidden
-from ..policy import PolicyHolder
+from ..policy import CORSPolicy, PolicyHolder
 from ..state import EXCHANGE
 from .headers import add_response_headers
 
@@ -38,43 +39,56 @@ def _same_origin(origin: str, host: str) -> bool:
     return bool(sep) and authority.lower() == host.lower()
 
 
-def make_cors_middleware(policy: PolicyHolder) -> Middleware:
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin is None:
-            return await handler(request)
-        rules = policy.current.cors
-        preflight = (
-            request.method == hdrs.METH_OPTIONS
-            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-        )
-        if preflight:
-            answer = rules.for_preflight(origin)
-            if answer is None:
-                response = Forbidden("CORS origin not allowed", code="cors_origin").response()
-                response.headers["Vary"] = "Origin"
-                return response
-            asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
-            if asked and _HEADER_LIST.fullmatch(asked):
-                # An allowed origin may send any well-formed header (the OpenAI JS SDK's
-                # x-stainless-*, say): what goes upstream is the gateway's allow-list anyway.
-                answer = {
-                    **answer,
-                    "Access-Control-Allow-Headers": f"{answer['Access-Control-Allow-Headers']}, "
-                    + asked,
-                    "Vary": "Origin, Access-Control-Request-Headers",
-                }
-            return web.Response(status=204, headers=answer)
-        allowed = rules.for_actual(origin)
-        if allowed is None and not _same_origin(origin, request.host):
-            ex = request.get(EXCHANGE)
-            if ex is not None:
-                ex.outcome = "rejected"
+def _answer(rules: CORSPolicy, request: web.Request, origin: str) -> web.StreamResponse | None:
+    """The answer to a request from `origin` (a preflight's, or a refusal); None: serve it."""
+    preflight = (
+        request.method == hdrs.METH_OPTIONS
+        and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+    )
+    if preflight:
+        answer = rules.for_preflight(origin)
+        if answer is None:
             response = Forbidden("CORS origin not allowed", code="cors_origin").response()
             response.headers["Vary"] = "Origin"
             return response
-        add_response_headers(request, allowed or _VARY)
-        return await handler(request)
+        asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+        if asked and _HEADER_LIST.fullmatch(asked):
+            # An allowed origin may send any well-formed header (the OpenAI JS SDK's
+            # x-stainless-*, say): what goes upstream is the gateway's allow-list anyway.
+            answer = {
+                **answer,
+                "Access-Control-Allow-Headers": f"{answer['Access-Control-Allow-Headers']}, "
+                + asked,
+                "Vary": "Origin, Access-Control-Request-Headers",
+            }
+        return web.Response(status=204, headers=answer)
+    allowed = rules.for_actual(origin)
+    if allowed is None and not _same_origin(origin, request.host):
+        ex = request.get(EXCHANGE)
+        if ex is not None:
+            ex.outcome = "rejected"
+        response = Forbidden("CORS origin not allowed", code="cors_origin").response()
+        response.headers["Vary"] = "Origin"
+        return response
+    add_response_headers(request, allowed or _VARY)
+    return None
+
+
+async def _ready(response: web.StreamResponse) -> web.StreamResponse:
+    return response
+
+
+def make_cors_middleware(policy: PolicyHolder) -> Middleware:
+    # Not a coroutine: it answers or passes the request on, so it hands back an awaitable
+    # (the handler's own, when it passes) and no frame of its stays in the chain for a
+    # stream's life.
+    @web.middleware
+    def cors(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is not None:
+            answer = _answer(policy.current.cors, request, origin)
+            if answer is not None:
+                return _ready(answer)
+        return handler(request)
 
     return cors
