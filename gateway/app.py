@@ -28,6 +28,7 @@ from .responses import handlers as responses
 from .state import CONFIG, FINISHED, HTTP, PUBLIC, UNCOUNTED, UNMETERED, Finisher
 from .streams import handlers as streams
 from .streams.registry import streams_ctx
+from .ticker import TICKER, Ticker, tick_period
 from .upstream.pool import UPSTREAMS, UpstreamPool
 from .usage.accounting import Accounting, usage_handler
 
@@ -53,7 +54,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent",),
     )
     app[HTTP] = session
-    app[UPSTREAMS] = UpstreamPool(cfg, session, app[METRICS])
+    app[UPSTREAMS] = UpstreamPool(cfg, session, app[METRICS], app[TICKER])
     app[RELOADERS].add("upstreams", app[UPSTREAMS].prepare_reload)
     yield
     await session.close()
@@ -108,9 +109,12 @@ def create_app(cfg: Config) -> web.Application:
         app.cleanup_ctx.append(otel.tracing_ctx)
     app[FINISHED] = finishers
     app[DRAIN] = drain
+    # One timer for every open stream's heartbeat, write deadline and upstream watchdog.
+    app[TICKER] = Ticker(tick_period(cfg))
     app[READINESS].add("draining", drain.readiness)
     app[RELOADERS] = Reloaders(cfg)
     app[RELOADERS].add("policy", policy.prepare_reload)
+    app[RELOADERS].add("ticker", app[TICKER].prepare_reload)
     app[streams.FOLLOWERS] = streams.Followers(cfg.sse.max_followers)
     # Client labels of tokens_total: a client added by a reload is counted under its name.
     app[RELOADERS].add("metrics", metrics.prepare_reload)

@@ -276,7 +276,7 @@ class SSEConfig:
     max_connection_age: float = _check(_non_negative, 0.0)
     max_event_bytes: int = _check(_at_least(1024), 1 << 20)
     # A client that stops reading: dropped once a write has waited this long for the socket
-    # to drain (checked when the heartbeat timer fires: within write_timeout + heartbeat_interval).
+    # to drain (checked once a tick of `ticker.Ticker`: within write_timeout and one tick).
     write_timeout: float = _check(_positive, 30.0)
     max_log_events: int = _check(_at_least(1), 100_000)
     max_log_bytes: int = _check(_at_least(1024), 16 << 20)

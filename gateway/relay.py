@@ -24,6 +24,7 @@ from .metrics import METRICS
 from .process.drain import DRAIN, ShuttingDown
 from .state import CONFIG, EXCHANGE, IDENTITY
 from .streaming import Failure, Pump
+from .ticker import TICKER, Ticker
 from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers, scrub_key
 from .usage.tap import Usage, ensure_usage_requested
 from .writeguard import WriteGuard
@@ -45,20 +46,21 @@ MAX_JSON_BYTES = 64 << 20
 class Heartbeat:
     """Writes `: ping` after `interval` seconds with nothing written, never while data flows.
 
-    One timer per stream, re-armed lazily: the hot path only stores the clock in `last`;
-    the timer, when it fires early, sleeps again until `last + interval`.
+    Checked on the app's `Ticker`, never per chunk: the hot path only stores the clock in
+    `last`; a tick that finds `interval` passed since then pings (so a ping comes within
+    `interval` plus one tick period of the last write).
 
-    With a `guard`, the same timer is the write deadline (see `gateway.writeguard`): a client
-    that has taken no byte for the guard's timeout is dropped, checked once per firing, so
-    at no cost per chunk.
+    With a `guard`, the same tick checks the write deadline (see `gateway.writeguard`): a
+    client that has taken no byte for the guard's timeout is dropped.
     """
 
-    __slots__ = ("_guard", "_handle", "_interval", "_loop", "_on_ping", "_out", "_task", "last")
+    __slots__ = ("_guard", "_interval", "_loop", "_on_ping", "_out", "_task", "_ticker", "last")
 
     def __init__(
         self,
         out: web.StreamResponse,
         interval: float,
+        ticker: Ticker,
         *,
         guard: WriteGuard | None = None,
         on_ping: Callable[[float], None] | None = None,  # gets the seconds of silence
@@ -70,24 +72,22 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
         self._guard = guard
         self._on_ping = on_ping
-        self._handle = self._loop.call_at(self.last + interval, self._fire)
+        self._ticker = ticker
+        ticker.add(self)
 
-    def _fire(self) -> None:
-        now = self._loop.time()
+    def tick(self, now: float) -> None:
         guard = self._guard
         if guard is not None and guard.stalled(now):
+            self._ticker.discard(self)
             guard.drop()  # the handler is cancelled: outcome client_disconnected
             return
-        due = self.last + self._interval
-        if now >= due - 0.001:
+        if now - self.last >= self._interval:
             # No ping while bytes still wait to be sent: the line is not silent.
             if (self._task is None or self._task.done()) and not (guard and guard.pending):
                 self._task = self._loop.create_task(self._ping())
                 if self._on_ping is not None:
                     self._on_ping(now - self.last)
             self.last = now
-            due = now + self._interval
-        self._handle = self._loop.call_at(due, self._fire)
 
     async def _ping(self) -> None:
         try:
@@ -96,7 +96,7 @@ class Heartbeat:
             pass  # the stream loop sees the disconnect on its own
 
     def stop(self) -> None:
-        self._handle.cancel()
+        self._ticker.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -265,6 +265,7 @@ async def _relay_stream(
     heartbeat = Heartbeat(
         out,
         cfg.sse.heartbeat_interval,
+        request.app[TICKER],
         guard=WriteGuard(request, cfg.sse.write_timeout, asyncio.get_running_loop().time()),
         on_ping=ex.otel.stalled if ex.otel is not None else None,
     )

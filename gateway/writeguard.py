@@ -6,10 +6,11 @@ its upstream connection) forever. What it can make the gateway buffer is already
 transport pauses at its high-water mark, and `write()` then waits), so time is what needs the
 bound.
 
-A `WriteGuard` is sampled once per timer tick, never per chunk: progress is the number of
-bytes the kernel has taken (everything handed to the transport minus what still waits in its
-buffer). Pending bytes with no progress for `timeout` seconds: the connection is reset, which
-cancels the handler (`handler_cancellation`) and ends the request as `client_disconnected`.
+A `WriteGuard` is sampled once per tick of the app's `Ticker`, never per chunk: progress is
+the number of bytes the kernel has taken (everything handed to the transport minus what
+still waits in its buffer). Pending bytes with no progress for `timeout` seconds: the
+connection is reset, which cancels the handler (`handler_cancellation`) and ends the request
+as `client_disconnected`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import struct
 from aiohttp import web
 
 from .aiohttp_seams import bytes_sent
+from .ticker import Ticker
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -67,23 +69,20 @@ class WriteGuard:
 
 
 class WriteDeadline:
-    """A `WriteGuard` on its own timer, for streams with no heartbeat timer to share.
+    """A `WriteGuard` checked on the app's `Ticker`, for streams with no heartbeat to share
+    it with. stop() when the response ends."""
 
-    Checks every `interval` seconds; stop() when the response ends."""
+    __slots__ = ("_guard", "_ticker")
 
-    __slots__ = ("_guard", "_handle", "_interval", "_loop")
+    def __init__(self, request: web.BaseRequest, timeout: float, ticker: Ticker) -> None:
+        self._guard = WriteGuard(request, timeout, asyncio.get_running_loop().time())
+        self._ticker = ticker
+        ticker.add(self)
 
-    def __init__(self, request: web.BaseRequest, timeout: float, interval: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._interval = interval
-        self._guard = WriteGuard(request, timeout, self._loop.time())
-        self._handle = self._loop.call_later(interval, self._tick)
-
-    def _tick(self) -> None:
-        if self._guard.stalled(self._loop.time()):
+    def tick(self, now: float) -> None:
+        if self._guard.stalled(now):
+            self._ticker.discard(self)
             self._guard.drop()
-            return
-        self._handle = self._loop.call_later(self._interval, self._tick)
 
     def stop(self) -> None:
-        self._handle.cancel()
+        self._ticker.discard(self)

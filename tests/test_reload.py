@@ -56,7 +56,7 @@ async def test_reload_sends_new_requests_upstream_anew_without_dropping_a_runnin
     assert new.state.requests["/v1/chat/completions"] == 1
     assert old.state.requests["/v1/chat/completions"] == 1
     parts = [e for e in logs if e["event"] == "reloaded"][0]["parts"]
-    assert parts == ["policy", "metrics", "upstreams"]
+    assert parts == ["policy", "ticker", "metrics", "upstreams"]
     assert gw.app[RELOADERS].current.upstreams[0].base_url == config.parse(
         path.read_text(), env={}
     ).upstreams[0].base_url

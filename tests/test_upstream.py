@@ -182,6 +182,7 @@ async def test_the_watchdog_never_replaces_an_error_the_body_already_has(
     (upstream_disconnected); the watchdog, firing later, must not turn it into a timeout."""
     from aiohttp import web
 
+    from gateway.ticker import Ticker
     from gateway.upstream.pool import Watchdog
 
     async def drop(request: web.Request) -> web.StreamResponse:
@@ -198,7 +199,7 @@ async def test_the_watchdog_never_replaces_an_error_the_body_already_has(
     loop = asyncio.get_running_loop()
     url = up.url.removesuffix("/v1") + "/drop"
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        dog = Watchdog(resp, 0.05, loop.time() + 30, loop, lambda: None)
+        dog = Watchdog(resp, 0.05, loop.time() + 30, Ticker(0.01), lambda: None, loop.time())
         assert await resp.content.readexactly(10) == b"data: {}\n\n"  # nothing left unread
         for _ in range(300):  # until the connection's loss is known to the body
             if resp.content.exception() is not None:

@@ -26,6 +26,7 @@ from ..errors import BadRequest, Forbidden, NotFound, Unavailable
 from ..exchange import Exchange
 from ..sse import encode_event
 from ..state import CONFIG, EXCHANGE, IDENTITY, SLOT
+from ..ticker import TICKER
 from ..upstream.pool import UPSTREAMS, forward_headers
 from ..usage.tap import ensure_usage_requested
 from ..writeguard import WriteDeadline
@@ -187,7 +188,7 @@ async def serve_log(
     await resp.prepare(request)
     ex.status = 200
     # A reader that stops reading is dropped after write_timeout (aiohttp waits forever).
-    deadline = WriteDeadline(request, sse_cfg.write_timeout, sse_cfg.heartbeat_interval)
+    deadline = WriteDeadline(request, sse_cfg.write_timeout, request.app[TICKER])
     try:
         if first:
             await resp.write(first)

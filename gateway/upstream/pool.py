@@ -38,6 +38,7 @@ from ..errors import (
     retry_after_value,
 )
 from ..exchange import Exchange
+from ..ticker import Ticker, tick_period
 from .breaker import Admission, Breaker, Transition
 
 if TYPE_CHECKING:
@@ -156,9 +157,15 @@ class UpstreamPool:
     """
 
     def __init__(
-        self, cfg: Config, session: aiohttp.ClientSession, metrics: Metrics | None = None
+        self,
+        cfg: Config,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+        ticker: Ticker | None = None,
     ) -> None:
         self.session = session
+        # Streams' watchdogs (the app's one ticker; a pool of its own, when used alone)
+        self.ticker = ticker if ticker is not None else Ticker(tick_period(cfg))
         self.retry = cfg.retry
         self.metrics = metrics
         self.upstreams = [Upstream.from_config(u, cfg.breaker) for u in cfg.upstreams]
@@ -450,85 +457,69 @@ class UpstreamPool:
             raise UpstreamError(f"upstream {up.name} is unreachable") from exc
         release = up.slots.release
         if stream:  # the watchdog stops with the connection, then gives the slot back
-            release = Watchdog(resp, up.cfg.idle_timeout, deadline, loop, release).release
+            dog = Watchdog(resp, up.cfg.idle_timeout, deadline, self.ticker, release, loop.time())
+            release = dog.release
         if not on_connection_release(resp, release):
             release()  # the whole body was read already and the connection went back
         return resp
 
 
 class Watchdog:
-    """A streamed answer's idle and total limits, on one lazily re-armed timer.
+    """A streamed answer's idle and total limits, checked on the app's `Ticker`.
 
     aiohttp's own (`ClientTimeout.sock_read`, `.total`) hold two timers per stream and
     re-arm one on every chunk that arrives (2.8 us a chunk, for a stream of a thousand
-    tokens). A stream request goes without them (`Upstream.stream_timeout`); this timer
-    wakes every eighth of `idle` and, when no body byte arrived for `idle` (within that
-    eighth) while none waited to be read, or the answer ran past `deadline`, fails the
+    tokens). A stream request goes without them (`Upstream.stream_timeout`); each tick
+    (at most an eighth of `idle` apart, `ticker.tick_period`), when no body byte arrived for
+    `idle` while none waited to be read, or the answer ran past `deadline`, fails the
     pending read with TimeoutError: the reader ends the stream `upstream_timeout` (or
     answers 504) as it did on aiohttp's.
     `release()` (when the response's connection is released or closed) stops it and calls
     `then`.
     """
 
-    __slots__ = (
-        "_deadline",
-        "_handle",
-        "_idle",
-        "_last",
-        "_loop",
-        "_resp",
-        "_seen",
-        "_step",
-        "_then",
-    )
+    __slots__ = ("_deadline", "_idle", "_last", "_resp", "_seen", "_then", "_ticker", "stopped")
 
     def __init__(
         self,
         resp: aiohttp.ClientResponse,
         idle: float,
         deadline: float,
-        loop: asyncio.AbstractEventLoop,
+        ticker: Ticker,
         then: Callable[[], None],
+        now: float,
     ) -> None:
         self._resp = resp
         self._then = then
         self._idle = idle
-        self._step = idle / 8
         self._deadline = deadline
-        self._loop = loop
-        self._last = loop.time()  # when bytes were last seen to have arrived
+        self._ticker = ticker
+        self._last = now  # when bytes were last seen to have arrived
         self._seen = bytes_received(resp)
-        self._handle: asyncio.TimerHandle | None = loop.call_at(self._next(), self._fire)
+        self.stopped = False
+        ticker.add(self)
 
-    def _next(self) -> float:
-        return min(self._loop.time() + self._step, self._deadline)
+    def _stop(self) -> None:
+        self.stopped = True
+        self._ticker.discard(self)
 
-    @property
-    def stopped(self) -> bool:
-        return self._handle is None
-
-    def _fire(self) -> None:
+    def tick(self, now: float) -> None:
         if self._resp.content.exception() is not None:
             # The body failed already (the upstream dropped it, the drain ended it): that is
             # what its reader must hear, not a timeout on top.
-            self._handle = None
+            self._stop()
             return
-        now = self._loop.time()
         seen = bytes_received(self._resp)
         # Bytes waiting for the reader (a slow client: aiohttp stops reading the upstream
         # while they wait) are no silence of the upstream's.
         if seen != self._seen or unread_bytes(self._resp):
             self._seen, self._last = seen, now
         if now - self._last >= self._idle or now >= self._deadline:
-            self._handle = None
+            self._stop()
             fail_body(self._resp, TimeoutError("upstream timed out"))
-            return
-        self._handle = self._loop.call_at(self._next(), self._fire)
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._stop()
         self._then()
 
 
