@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from gateway import ticker as ticker_module
+from gateway.process.reload import reload
 from gateway.ticker import TICKER, Ticker, tick_period
 
 from .conftest import GatewayFactory, StartUpstream, chat_body, make_config
+from .test_relay_faults import stalling_upstream
 
 
 class Member:
@@ -46,10 +51,27 @@ async def test_each_member_is_ticked_until_it_leaves_and_a_new_one_rearms_it() -
     c = Member()
     await asyncio.sleep(0.05)  # ticks that would come, were anything still watched
     assert len(a.ticks) == seen  # a member that left is never ticked again
-    ticker.add(c)  # the ticker stopped while empty: adding one starts it again
+    assert not ticker.armed  # and with none left, no timer either
+    ticker.add(c)  # adding one starts it again
     await asyncio.wait_for(c.ticked.wait(), 5)
     ticker.discard(c)
     assert len(ticker) == 0
+
+
+async def test_one_wake_up_visits_a_slice_of_the_members_and_each_once_a_period() -> None:
+    """8,000 streams' checks take milliseconds: they are spread, never done all at once."""
+    period = 0.8
+    ticker = Ticker(period)
+    members = [Member() for _ in range(4 * Ticker.SLICES)]
+    for m in members:
+        ticker.add(m)
+    await asyncio.wait_for(asyncio.gather(*(m.ticked.wait() for m in members)), 5)
+    for m in members:
+        ticker.discard(m)
+    firsts = sorted({round(m.ticks[0], 6) for m in members})
+    assert len(firsts) == Ticker.SLICES  # a slice per wake-up, not everyone at once
+    assert sum(len(m.ticks) == 1 for m in members) == len(members)
+    assert firsts[-1] - firsts[0] == pytest.approx(period * (Ticker.SLICES - 1) / 8, abs=0.3)
 
 
 async def test_a_member_that_raises_leaves_and_the_others_are_still_ticked() -> None:
@@ -64,6 +86,77 @@ async def test_a_member_that_raises_leaves_and_the_others_are_still_ticked() -> 
     assert len(bad.ticks) == 1 and len(ticker) == 1
     assert [e["event"] for e in logs] == ["tick_failed"]
     ticker.discard(good)
+
+
+async def test_the_ticker_goes_on_when_its_own_error_path_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure that escapes a member's handling (the log write itself, on a full stdout)
+    must not end every stream's checks for the life of the process."""
+
+    def failing_log(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError("stdout full")
+
+    monkeypatch.setattr(ticker_module.log, "exception", failing_log)
+    loop = asyncio.get_running_loop()
+    errors: list[BaseException | None] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context.get("exception")))
+    try:
+        ticker = Ticker(0.01)
+        bad = Member(fail=True)
+        ticker.add(bad)
+        await asyncio.wait_for(bad.ticked.wait(), 5)
+        good = Member()
+        ticker.add(good)
+        await asyncio.wait_for(good.ticked.wait(), 5)
+        ticker.discard(good)
+    finally:
+        loop.set_exception_handler(None)
+    assert [type(e) for e in errors] == [BlockingIOError]
+
+
+async def test_a_reload_never_loosens_the_checks_of_streams_already_running(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """A stream keeps the idle_timeout it started with (0.4 s): a reload to 120 s must not
+    stretch how often it is checked."""
+    app, _ = stalling_upstream(after_first=10.0)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, upstreams=[{"idle_timeout": 0.4}])
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        await resp.content.readuntil(b"\n\n")
+        start = time.monotonic()
+        reload(gw.app, make_config(up.url, upstreams=[{"idle_timeout": 120.0}]))
+        body = await resp.read()
+        elapsed = time.monotonic() - start
+    assert b"upstream_timeout" in body
+    assert elapsed < 0.4 * 1.125 + 0.1, elapsed
+    assert gw.app[TICKER].period == 0.05
+
+
+async def test_a_reload_that_waits_for_a_restart_leaves_the_heartbeat_period_alone(
+    start_upstream: StartUpstream, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """[sse] takes a restart: a heartbeat_interval changed in the file is not in force, and
+    must not change how often pings are checked either way."""
+    app, _ = stalling_upstream(after_first=3.0)
+    up = await start_upstream(app)
+    gw = await gateway_factory(up.url, sse={"heartbeat_interval": 0.2})
+    for interval in (30.0, 0.004):
+        with capture_logs() as logs:
+            reload(gw.app, make_config(up.url, sse={"heartbeat_interval": interval}))
+        assert any(e["event"] == "reload_needs_restart" for e in logs)
+        assert gw.app[TICKER].period == 0.05
+    async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body()) as resp:
+        await resp.content.readuntil(b"\n\n")  # the first event
+        last = time.monotonic()
+        gaps = []
+        for _ in range(2):
+            assert await resp.content.readuntil(b"\n\n") == b": ping\n\n"
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+    assert max(gaps) < 0.2 + 0.05 + 0.1, gaps
 
 
 async def test_open_streams_are_watched_on_the_ticker_and_leave_it_when_they_end(
