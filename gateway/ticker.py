@@ -51,19 +51,18 @@ class Ticker:
 
     SLICES = 8
 
-    __slots__ = ("_added", "_handle", "_loop", "_next", "_slices", "_where", "period")
+    __slots__ = ("_added", "_handle", "_loop", "_next", "_slices", "period")
 
     def __init__(self, period: float) -> None:
         self.period = period
         self._slices: list[set[Ticking]] = [set() for _ in range(self.SLICES)]
-        self._where: dict[Ticking, set[Ticking]] = {}
         self._added = 0  # members go round the slices, so they stay even
         self._next = 0  # the slice the next wake-up ticks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
-        return len(self._where)
+        return sum(map(len, self._slices))
 
     @property
     def armed(self) -> bool:
@@ -71,18 +70,16 @@ class Ticker:
         return self._handle is not None
 
     def add(self, member: Ticking) -> None:
-        where = self._slices[self._added % self.SLICES]
+        self._slices[self._added % self.SLICES].add(member)
         self._added += 1
-        where.add(member)
-        self._where[member] = where
         if self._handle is None:
             self._loop = asyncio.get_running_loop()
             self._arm()
 
     def discard(self, member: Ticking) -> None:
-        where = self._where.pop(member, None)
-        if where is not None:
-            where.discard(member)
+        # From each slice: cheaper than remembering a member's (a dict entry per stream).
+        for members in self._slices:
+            members.discard(member)
 
     def prepare_reload(self, cfg: Config) -> Callable[[], None]:
         """SIGHUP: a shorter upstream limit makes ticks more frequent; nothing makes them
@@ -118,7 +115,7 @@ class Ticker:
         finally:
             # Even if the error path itself failed (a log write): one failure must not end
             # every stream's checks.
-            if self._where:
+            if any(self._slices):
                 self._arm()
             else:
                 self._handle = None
