@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -175,6 +176,34 @@ async def gateway(gateway_factory: GatewayFactory, upstream: Upstream) -> Gatewa
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+class HeldStreams:
+    """An upstream app whose chat streams send one event, then wait for `release`.
+
+    It reads each request body and drops it (it keeps nothing of a prompt); `started` is set
+    once `count` streams have sent their first event."""
+
+    def __init__(self, count: int = 1) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self._count = count
+        self._sent = 0
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self._stream)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        while await request.content.readany():
+            pass
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+        self._sent += 1
+        if self._sent == self._count:
+            self.started.set()
+        await self.release.wait()
+        await out.write(b"data: [DONE]\n\n")
+        return out
 
 
 def chat_body(stream: bool = True, **extra: Any) -> dict[str, Any]:

@@ -12,7 +12,14 @@ import pytest
 import structlog
 from aiohttp import web
 
-from .conftest import TEST_KEY, UPSTREAM_KEY, GatewayFactory, StartUpstream, chat_body
+from .conftest import (
+    TEST_KEY,
+    UPSTREAM_KEY,
+    GatewayFactory,
+    HeldStreams,
+    StartUpstream,
+    chat_body,
+)
 
 
 def sse_data(body: bytes) -> list[str]:
@@ -291,23 +298,8 @@ async def test_an_open_stream_does_not_keep_its_request_body(
     (aiohttp's `request.read()` keeps what it returns on the request)."""
     import tracemalloc
 
-    release = asyncio.Event()
-    first_sent = asyncio.Event()
-
-    async def slow_stream(request: web.Request) -> web.StreamResponse:
-        while await request.content.readany():  # read and drop: this upstream keeps nothing
-            pass
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
-        first_sent.set()
-        await release.wait()
-        await out.write(b"data: [DONE]\n\n")
-        return out
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", slow_stream)
-    up = await start_upstream(app)
+    held = HeldStreams()  # which keeps nothing of the prompt itself
+    up = await start_upstream(held.app)
     gw = await gateway_factory(up.url)
     size = 1_000_000  # under aiohttp's 1 MiB, past which it warns of a large bytes body
     prompt = [{"role": "user", "content": "x" * size}]
@@ -326,15 +318,15 @@ async def test_an_open_stream_does_not_keep_its_request_body(
         await writer.drain()
         status = await asyncio.wait_for(reader.readline(), 30)
         assert b" 200 " in status, status + await reader.read(2000)
-        await asyncio.wait_for(first_sent.wait(), 30)
-        held, _ = tracemalloc.get_traced_memory()
-        release.set()
+        await asyncio.wait_for(held.started.wait(), 30)
+        kept, _ = tracemalloc.get_traced_memory()
+        held.release.set()
         rest = await asyncio.wait_for(reader.readuntil(b"data: [DONE]"), 10)
         assert rest
         writer.close()
     finally:
         tracemalloc.stop()
-    assert held < size // 2, f"{held >> 20} MiB held while the stream is open"
+    assert kept < size // 2, f"{kept >> 20} MiB held while the stream is open"
 
 
 async def test_middlewares_that_only_look_hold_no_frame_while_a_stream_runs(
@@ -345,22 +337,8 @@ async def test_middlewares_that_only_look_hold_no_frame_while_a_stream_runs(
     import gc
     import inspect
 
-    release = asyncio.Event()
-    first_sent = asyncio.Event()
-
-    async def slow_stream(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
-        first_sent.set()
-        await release.wait()
-        await out.write(b"data: [DONE]\n\n")
-        return out
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", slow_stream)
-    up = await start_upstream(app)
+    held = HeldStreams()
+    up = await start_upstream(held.app)
     gw = await gateway_factory(up.url, cors={"allow_origins": ["http://app.example"]})
     headers = {"Authorization": f"Bearer {TEST_KEY}", "Origin": "http://app.example"}
     async with http.post(
@@ -368,9 +346,9 @@ async def test_middlewares_that_only_look_hold_no_frame_while_a_stream_runs(
     ) as resp:
         assert resp.status == 200
         assert resp.headers["Access-Control-Allow-Origin"] == "http://app.example"
-        await asyncio.wait_for(first_sent.wait(), 30)
+        await asyncio.wait_for(held.started.wait(), 30)
         live = {o.cr_code.co_name for o in gc.get_objects() if inspect.iscoroutine(o)}
-        release.set()
+        held.release.set()
         assert b"[DONE]" in await resp.read()
     assert "relay_post" in live  # the stream's own frames are there to be found
     assert not live & {"auth", "cors"}, live

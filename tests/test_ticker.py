@@ -7,14 +7,13 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway import ticker as ticker_module
 from gateway.process.reload import reload
 from gateway.ticker import TICKER, Ticker, tick_period
 
-from .conftest import GatewayFactory, StartUpstream, chat_body, make_config
+from .conftest import GatewayFactory, HeldStreams, StartUpstream, chat_body, make_config
 from .test_relay_faults import stalling_upstream
 
 
@@ -164,31 +163,13 @@ async def test_open_streams_are_watched_on_the_ticker_and_leave_it_when_they_end
 ) -> None:
     """Each open stream's heartbeat and upstream watchdog are members of the app's one
     ticker (no timer of their own); a stream that ends, or whose client leaves, leaves it."""
-    release = asyncio.Event()
-    started = 0
-    all_started = asyncio.Event()
-
-    async def slow_stream(request: web.Request) -> web.StreamResponse:
-        nonlocal started
-        await request.read()
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        await out.write(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
-        started += 1
-        if started == 10:
-            all_started.set()
-        await release.wait()
-        await out.write(b"data: [DONE]\n\n")
-        return out
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", slow_stream)
-    up = await start_upstream(app)
+    held = HeldStreams(count=10)
+    up = await start_upstream(held.app)
     gw = await gateway_factory(up.url)
     ticker = gw.app[TICKER]
     url = f"{gw.url}/v1/chat/completions"
     streams = [await http.post(url, json=chat_body(stream=True)) for _ in range(10)]
-    await asyncio.wait_for(all_started.wait(), 30)
+    await asyncio.wait_for(held.started.wait(), 30)
     assert all(s.status == 200 for s in streams)
     assert len(ticker) == 20  # a heartbeat and a watchdog each
     streams.pop().close()  # one client leaves mid-stream
@@ -197,7 +178,7 @@ async def test_open_streams_are_watched_on_the_ticker_and_leave_it_when_they_end
             break
         await asyncio.sleep(0.01)
     assert len(ticker) == 18
-    release.set()
+    held.release.set()
     for s in streams:
         assert (await s.read()).endswith(b"data: [DONE]\n\n")
         s.release()
