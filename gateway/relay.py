@@ -24,7 +24,7 @@ from .metrics import METRICS
 from .process.drain import DRAIN, ShuttingDown
 from .state import CONFIG, EXCHANGE, IDENTITY
 from .streaming import Failure, Pump
-from .ticker import TICKER, Ticker
+from .ticker import EARLY, TICKER, Ticker
 from .upstream.pool import UPSTREAMS, forward_headers, read_to_end, relay_headers, scrub_key
 from .usage.tap import Usage, ensure_usage_requested
 from .writeguard import WriteGuard
@@ -81,7 +81,7 @@ class Heartbeat:
             self._ticker.discard(self)
             guard.drop()  # the handler is cancelled: outcome client_disconnected
             return
-        if now - self.last >= self._interval:
+        if now - self.last >= self._interval - EARLY:
             # No ping while bytes still wait to be sent: the line is not silent.
             if (self._task is None or self._task.done()) and not (guard and guard.pending):
                 self._task = self._loop.create_task(self._ping())

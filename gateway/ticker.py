@@ -14,6 +14,7 @@ interval the config sets).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -40,24 +41,32 @@ def _upstream_limits(cfg: Config) -> list[float]:
     return [min(u.idle_timeout, u.total_timeout) / 8 for u in cfg.upstreams]
 
 
+# How much earlier than due a member may act: a loop runs a timer up to a millisecond early
+# (uvloop counts whole milliseconds), and a check that missed by that much would wait a
+# whole period for the next.
+EARLY = 0.001
+
+
 class Ticker:
-    """Calls `tick(loop.time())` on each member once every `period` seconds; no timer while
-    it has none. A member that raises is logged and leaves; the others are still checked.
+    """Calls `tick(now)` on each member once every `period` seconds; no timer while it has
+    none. A member that raises is logged and leaves; the others are still checked.
 
     The members are spread over `SLICES` sets, one ticked every `period / SLICES`: with
     thousands of streams open no single wake-up visits them all (8,000 streams' heartbeats
-    and watchdogs take about 8 ms to check, which would stall every stream at once).
+    and watchdogs take about 8 ms to check, which would stall every stream at once). The
+    wake-ups keep to a grid of absolute times, and `now` is the grid's: a member's checks
+    are exactly a period apart, however late the loop ran each timer.
     """
 
     SLICES = 8
 
-    __slots__ = ("_added", "_handle", "_loop", "_next", "_slices", "period")
+    __slots__ = ("_due", "_handle", "_loop", "_next", "_slices", "period")
 
     def __init__(self, period: float) -> None:
         self.period = period
         self._slices: list[set[Ticking]] = [set() for _ in range(self.SLICES)]
-        self._added = 0  # members go round the slices, so they stay even
         self._next = 0  # the slice the next wake-up ticks
+        self._due = 0.0  # when the next wake-up is due
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -70,10 +79,11 @@ class Ticker:
         return self._handle is not None
 
     def add(self, member: Ticking) -> None:
-        self._slices[self._added % self.SLICES].add(member)
-        self._added += 1
+        # Into the smallest slice: the long-lived members stay spread, whatever comes and goes.
+        min(self._slices, key=len).add(member)
         if self._handle is None:
             self._loop = asyncio.get_running_loop()
+            self._due = self._loop.time()
             self._arm()
 
     def discard(self, member: Ticking) -> None:
@@ -85,36 +95,44 @@ class Ticker:
         """SIGHUP: a shorter upstream limit makes ticks more frequent; nothing makes them
         rarer until a restart. Streams still running keep the limits they started with (and
         `[sse]`, whose heartbeat interval is in the period, takes a restart)."""
-        period = min(self.period, *_upstream_limits(cfg))
+        period = min([self.period, *_upstream_limits(cfg)])
 
         def commit() -> None:
-            if period < self.period:
-                self.period = period
-                if self._handle is not None:  # the shorter period from now, not a tick later
-                    self._handle.cancel()
+            if period >= self.period:
+                return
+            self.period = period
+            handle, loop = self._handle, self._loop
+            if handle is not None and loop is not None:
+                # The shorter period from now on, not after a wake-up due later than that.
+                if handle.when() > loop.time() + period / self.SLICES:
+                    handle.cancel()
+                    self._due = loop.time()
                     self._arm()
 
         return commit
 
     def _arm(self) -> None:
         assert self._loop is not None
-        self._handle = self._loop.call_later(self.period / self.SLICES, self._tick)
+        # The next point of the grid; a loop that fell behind it by more than a step starts
+        # a new grid from now rather than catch up in a burst.
+        self._due = max(self._due + self.period / self.SLICES, self._loop.time())
+        self._handle = self._loop.call_at(self._due, self._tick)
 
     def _tick(self) -> None:
         members = self._slices[self._next]
         self._next = (self._next + 1) % self.SLICES
-        assert self._loop is not None
-        now = self._loop.time()
+        now = self._due
         try:
             for member in tuple(members):  # a member may leave while ticked
                 try:
                     member.tick(now)
                 except Exception:
                     self.discard(member)
-                    log.exception("tick_failed", member=type(member).__name__)
+                    # A log write that fails (a full stdout) must not skip the slice's others.
+                    with contextlib.suppress(Exception):
+                        log.exception("tick_failed", member=type(member).__name__)
         finally:
-            # Even if the error path itself failed (a log write): one failure must not end
-            # every stream's checks.
+            # Whatever escaped: one failure must not end every stream's checks.
             if any(self._slices):
                 self._arm()
             else:

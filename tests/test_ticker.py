@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -67,10 +68,60 @@ async def test_one_wake_up_visits_a_slice_of_the_members_and_each_once_a_period(
     await asyncio.wait_for(asyncio.gather(*(m.ticked.wait() for m in members)), 5)
     for m in members:
         ticker.discard(m)
-    firsts = sorted({round(m.ticks[0], 6) for m in members})
+    firsts = sorted({m.ticks[0] for m in members})
     assert len(firsts) == Ticker.SLICES  # a slice per wake-up, not everyone at once
-    assert sum(len(m.ticks) == 1 for m in members) == len(members)
-    assert firsts[-1] - firsts[0] == pytest.approx(period * (Ticker.SLICES - 1) / 8, abs=0.3)
+    assert firsts[-1] - firsts[0] == pytest.approx(period * (Ticker.SLICES - 1) / 8)
+
+
+async def test_a_members_checks_are_a_period_apart_however_late_the_loop_runs_them() -> None:
+    """The wake-ups keep to a grid: 8 chained timers, each run a little late (or, by uvloop,
+    a little early), would stretch a period, and the idle limit with it."""
+    period = 0.2
+    ticker = Ticker(period)
+    m = Member()
+    ticker.add(m)
+    while len(m.ticks) < 4:
+        m.ticked.clear()
+        await asyncio.wait_for(m.ticked.wait(), 5)
+    ticker.discard(m)
+    gaps = [b - a for a, b in itertools.pairwise(m.ticks)]
+    assert gaps == pytest.approx([period] * 3, abs=1e-9)
+
+
+async def test_long_lived_members_stay_spread_whatever_comes_and_goes() -> None:
+    """Every stream brings two members; many short ones between the long ones must not herd
+    the long ones into a few slices (whose wake-ups would each visit most of them)."""
+    ticker = Ticker(0.4)
+    kept = []
+    for _ in range(Ticker.SLICES):
+        kept.append(Member())
+        ticker.add(kept[-1])
+        passing = [Member() for _ in range(Ticker.SLICES - 1)]
+        for m in passing:
+            ticker.add(m)
+        for m in passing:
+            ticker.discard(m)
+    await asyncio.wait_for(asyncio.gather(*(m.ticked.wait() for m in kept)), 5)
+    for m in kept:
+        ticker.discard(m)
+    assert len({m.ticks[0] for m in kept}) == Ticker.SLICES
+
+
+async def test_a_reload_that_shortens_the_period_applies_it_at_once() -> None:
+    ticker = Ticker(8.0)  # a wake-up a second
+    members = [Member() for _ in range(Ticker.SLICES)]  # one in each slice
+    for m in members:
+        ticker.add(m)
+    first = members[0]
+    await asyncio.wait_for(first.ticked.wait(), 5)
+    first.ticked.clear()
+    ticker.prepare_reload(make_config("http://up.test/v1", upstreams=[{"idle_timeout": 0.8}]))()
+    assert ticker.period == 0.1
+    start = time.monotonic()
+    await asyncio.wait_for(first.ticked.wait(), 5)
+    for m in members:
+        ticker.discard(m)
+    assert time.monotonic() - start < 0.5  # not the 1 s the old period had to the next
 
 
 async def test_a_member_that_raises_leaves_and_the_others_are_still_ticked() -> None:
@@ -101,17 +152,24 @@ async def test_the_ticker_goes_on_when_its_own_error_path_fails(
     errors: list[BaseException | None] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context.get("exception")))
     try:
-        ticker = Ticker(0.01)
+        ticker = Ticker(0.08)
         bad = Member(fail=True)
         ticker.add(bad)
-        await asyncio.wait_for(bad.ticked.wait(), 5)
-        good = Member()
+        fillers = [Member() for _ in range(Ticker.SLICES - 1)]
+        for m in fillers:
+            ticker.add(m)
+        good = Member()  # in the failing member's slice: every slice holds one already
         ticker.add(good)
+        await asyncio.wait_for(bad.ticked.wait(), 5)
         await asyncio.wait_for(good.ticked.wait(), 5)
-        ticker.discard(good)
+        good.ticked.clear()
+        await asyncio.wait_for(good.ticked.wait(), 5)  # and it goes on
+        for m in [good, *fillers]:
+            ticker.discard(m)
     finally:
         loop.set_exception_handler(None)
-    assert [type(e) for e in errors] == [BlockingIOError]
+    assert good.ticks[0] == bad.ticks[0]  # ticked by the very wake-up the failure was in
+    assert errors == []  # the failure stayed inside the ticker
 
 
 async def test_a_reload_never_loosens_the_checks_of_streams_already_running(
@@ -129,7 +187,7 @@ async def test_a_reload_never_loosens_the_checks_of_streams_already_running(
         body = await resp.read()
         elapsed = time.monotonic() - start
     assert b"upstream_timeout" in body
-    assert elapsed < 0.4 * 1.125 + 0.1, elapsed
+    assert elapsed < 0.8, elapsed  # 0.45 s at most, bar a loaded machine; 1.05 s if loosened
     assert gw.app[TICKER].period == 0.05
 
 
@@ -141,7 +199,7 @@ async def test_a_reload_that_waits_for_a_restart_leaves_the_heartbeat_period_alo
     app, _ = stalling_upstream(after_first=3.0)
     up = await start_upstream(app)
     gw = await gateway_factory(up.url, sse={"heartbeat_interval": 0.2})
-    for interval in (30.0, 0.004):
+    for interval in (0.004, 30.0):  # the last one would loosen it, were it taken
         with capture_logs() as logs:
             reload(gw.app, make_config(up.url, sse={"heartbeat_interval": interval}))
         assert any(e["event"] == "reload_needs_restart" for e in logs)
@@ -155,7 +213,7 @@ async def test_a_reload_that_waits_for_a_restart_leaves_the_heartbeat_period_alo
             now = time.monotonic()
             gaps.append(now - last)
             last = now
-    assert max(gaps) < 0.2 + 0.05 + 0.1, gaps
+    assert max(gaps) < 0.6, gaps  # 0.25 s at most, bar a loaded machine; 1 s if loosened
 
 
 async def test_open_streams_are_watched_on_the_ticker_and_leave_it_when_they_end(

@@ -38,7 +38,7 @@ from ..errors import (
     retry_after_value,
 )
 from ..exchange import Exchange
-from ..ticker import Ticker, tick_period
+from ..ticker import EARLY, Ticker, tick_period
 from .breaker import Admission, Breaker, Transition
 
 if TYPE_CHECKING:
@@ -514,7 +514,7 @@ class Watchdog:
         # while they wait) are no silence of the upstream's.
         if seen != self._seen or unread_bytes(self._resp):
             self._seen, self._last = seen, now
-        if now - self._last >= self._idle or now >= self._deadline:
+        if now - self._last >= self._idle - EARLY or now >= self._deadline - EARLY:
             self._stop()
             fail_body(self._resp, TimeoutError("upstream timed out"))
 
