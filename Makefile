@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 RUFF_FLAGS := --line-length 100 --target-version py311 --select E,F,W,I,B,UP
 
 .PHONY: install run test lint check-config mock clean \
-	install-service reload restart status logs uninstall-service rolling-restart bench bench-quick bench-redis soak
+	install-service reload restart status logs uninstall-service rolling-restart bench bench-quick bench-redis profile soak
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ bench-quick: install
 
 bench-redis: install
 	$(PY) -m tests.bench.redis_latency
+
+# Where S1's and S4's CPU goes (py-spy samples by component), the gateway beside the bare
+# relay, in µs per stream and per request. Needs ptrace (root).
+profile: install
+	$(PY) -m tests.bench.profile
 
 # About ten minutes of mixed traffic with injected upstream faults against a gateway
 # subprocess; prints a JSON summary (requests, faults, outcomes, RSS, leaks), exits 1 on a

@@ -177,7 +177,6 @@ def start_gateway(
     upstream_port: int,
     tag: str,
     *,
-    profile: list[str] | None = None,
     traces: str = "",
     name: str = "gateway",
 ) -> Proxy:
@@ -190,18 +189,14 @@ def start_gateway(
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*(profile or []), *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
         )
     try:
         wait_port(port, proc, timeout=20)
     except RuntimeError as exc:
         stop(proc)
         raise RuntimeError(f"the gateway did not start ({exc}); see {log_path}") from None
-    pid = proc.pid
-    if profile:  # the profiler's child is the gateway
-        time.sleep(0.2)
-        pid = children(proc.pid)[0] if children(proc.pid) else proc.pid
-    return Proxy(name, port, proc, [pid])
+    return Proxy(name, port, proc, [proc.pid])
 
 
 def start_floor(upstream_port: int) -> Proxy:
