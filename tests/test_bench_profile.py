@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
 from tests.bench.procs import ROOT
-from tests.bench.profile import NATIVE, component, components, table
+from tests.bench.profile import NATIVE, component, components, main, table
 
 LIB = "/venv/lib/python3.11/site-packages"
 STD = "/usr/lib/python3.11"
@@ -51,3 +53,14 @@ def test_the_table_scales_samples_to_the_measured_cpu() -> None:
     assert lines["gateway: relay"] == ["120.0", "0.0"]
     assert lines["aiohttp (with multidict, yarl)"] == ["280.0", "150.0"]
     assert lines["total (measured CPU)"] == ["400.0", "150.0"]
+    assert text.splitlines()[-1].split()[-2:] == ["100", "100"]  # the samples behind it
+    few = collections.Counter({"gateway: relay": 2, "aiohttp (with multidict, yarl)": 98})
+    assert "gateway: relay" not in table("S4", "µs", {"gateway": (400.0, few)})  # noise
+
+
+@pytest.mark.parametrize("argv", [["--targets", "gatway"], ["--only", "S9"], ["--requests", "10"]])
+def test_a_mistyped_target_scenario_or_count_is_refused_before_anything_starts(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err

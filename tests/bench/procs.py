@@ -106,6 +106,37 @@ class Proxy:
         stop(self.proc)
 
 
+def settle(proxy: Proxy, sink: int | None = None) -> float:
+    """Wait for `proxy` to go quiet after a run; its CPU seconds then.
+
+    The traced gateway ("gateway+otel") exports its spans once a second after the load, and
+    the OTLP sink (pid `sink`) decodes them: that is its work too, so it waits over a whole
+    export period (and then some) with no CPU used by either.
+    """
+    busy = [proxy.cpu]
+    if proxy.name == "gateway+otel" and sink is not None:
+        busy.append(lambda: cpu_seconds(sink))
+    window = 1.2 if proxy.name == "gateway+otel" else 0.2
+    deadline = time.monotonic() + 10
+    before = [f() for f in busy]
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = [f() for f in busy]
+        if now == before:
+            break
+        before = now
+    return proxy.cpu()
+
+
+_H2LOAD_CODES = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+
+
+def h2load_2xx(out: str) -> int:
+    """How many of an h2load run's requests were answered 2xx (0 when it printed none)."""
+    codes = _H2LOAD_CODES.search(out)
+    return int(codes.group(1)) if codes else 0
+
+
 def start_upstream(
     tmp: Path, module: str = "tests.bench.upstream"
 ) -> tuple[subprocess.Popen[bytes], int]:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -159,21 +158,8 @@ class Bench:
         gateway exports its spans once a second, and the sink decodes them) must count as
         its own, and must not run while the next target is measured.
         """
-        busy = [proxy.cpu]
-        if proxy.name == "gateway+otel" and self.sink_proc is not None:
-            sink = self.sink_proc.pid
-            busy.append(lambda: procs.cpu_seconds(sink))
-        # Over a span export's period (1 s) and then some, until nothing used any CPU.
-        window = 1.2 if proxy.name == "gateway+otel" else 0.2
-        deadline = time.monotonic() + 10
-        before = [f() for f in busy]
-        while time.monotonic() < deadline:
-            time.sleep(window)
-            now = [f() for f in busy]
-            if now == before:
-                break
-            before = now
-        return proxy.cpu()
+        sink = self.sink_proc.pid if self.sink_proc is not None else None
+        return procs.settle(proxy, sink)
 
     # -------------------------------------------------------------- load
 
@@ -228,10 +214,8 @@ class Bench:
         out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=300).stdout
         wall = time.perf_counter() - t0
         cpu = self.settle(proxy) - cpu0
-        m = re.search(r"requests: \d+ total, .* (\d+) succeeded,", out)
-        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-        ok = int(codes.group(1)) if codes else 0
-        errors = n - ok if m else n
+        ok = procs.h2load_2xx(out)
+        errors = n - ok
         return {
             "requests": n,
             "ok": ok,
