@@ -13,7 +13,9 @@ framework costs more for the gateway's shape, and what the gateway's own feature
 
 The targets run one after another, so the machine's drift (10-20% over minutes here) is in
 the comparison, and sampling weighs on each target a little: for the figures and ratios
-themselves, `make bench`, which runs the targets in rounds with no profiler attached.
+themselves, `make bench`, which runs the targets in rounds with no profiler attached. With
+tracing on, the loop thread's samples include its waits for the GIL while the export thread
+holds it (in `print`, say, after a write): that column's shares lean towards what waits.
 
 `--keep DIR` leaves the raw samples there (one line per stack: frames, then a count), for a
 flame graph or a closer look. py-spy needs ptrace: run as root, or allow it
