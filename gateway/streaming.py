@@ -35,16 +35,15 @@ still right afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
-import orjson
 
 from .errors import error_body
 from .exchange import Outcome
 from .process.drain import ShuttingDown
 from .sse import EventSplitter, SSEError
-from .usage.tap import Usage, UsageTap
+from .usage.tap import Usage, UsageTap, json_object
 
 __all__ = ["Failure", "Pump", "Sink", "SinkFailed", "data_events", "json_object"]
 
@@ -194,13 +193,3 @@ class Pump:
             return "completed"  # a failure after [DONE] cost the reader nothing
         await sink.fail(failure)
         return failure.outcome
-
-
-def json_object(text: str) -> dict[str, Any] | None:
-    """An event's data as a JSON object, or None (not JSON, or not an object): what a sink
-    parses of the events it cares about."""
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None

@@ -24,7 +24,14 @@ from typing import Any
 
 from ..sse import SSEEvent, encode_event, event_start, iter_events, parse_event
 
-__all__ = ["Usage", "UsageTap", "UsageTotals", "ensure_usage_requested", "first_choice"]
+__all__ = [
+    "Usage",
+    "UsageTap",
+    "UsageTotals",
+    "ensure_usage_requested",
+    "first_choice",
+    "json_object",
+]
 
 
 def _json_loads(s: str | bytes) -> Any:
@@ -226,21 +233,23 @@ def _event_object(raw: bytes) -> tuple[dict[str, Any] | None, SSEEvent | None]:
         and raw.find(b"\n") == len(raw) - 2
         and b"\r" not in raw
     ):
-        try:
-            obj = _loads(raw[6:-2])
-        except ValueError:
-            pass
-        else:
-            if isinstance(obj, dict):
-                return obj, None
+        obj = json_object(raw[6:-2])
+        if obj is not None:
+            return obj, None
     event = parse_event(raw)
     if event is None or event.data is None:
         return None, event
+    return json_object(event.data), event
+
+
+def json_object(data: str | bytes) -> dict[str, Any] | None:
+    """An event's data as a JSON object, or None (not JSON, or not an object): what the tap
+    and every sink parse of the events they care about."""
     try:
-        obj = _loads(event.data)
+        obj = _loads(data)
     except ValueError:
-        return None, event
-    return (obj if isinstance(obj, dict) else None), event
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def first_choice(choices: object) -> dict[str, Any] | None:
