@@ -660,7 +660,7 @@ def _redis_checks(lim: LimitsConfig, ld: _Loader) -> None:
 
 def otel_missing() -> str | None:
     """The first module of the `otel` extra that cannot be imported, else None."""
-    for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"):
+    for module in ("opentelemetry.sdk.trace", "opentelemetry.proto.trace.v1.trace_pb2", "urllib3"):
         try:
             importlib.import_module(module)
         except ImportError:

@@ -11,9 +11,10 @@ linked to the request that started it: it outlives that request.
 
 Off (no endpoint), nothing of this module is imported: `Exchange.otel` stays None and every
 hook is one `is None` test. On, export never touches traffic: spans are queued for the SDK's
-`BatchSpanProcessor` thread behind a bound (a span that does not fit is dropped and counted
-in `gateway_trace_spans_dropped_total`, as are spans the collector did not take), and the
-collector's state is logged once per change (`collector_unreachable`, `collector_reachable`).
+`BatchSpanProcessor` thread, which encodes and sends them (gateway.otlp), behind a bound (a
+span that does not fit is dropped and counted in `gateway_trace_spans_dropped_total`, as are
+spans the collector did not take), and the collector's state is logged once per change
+(`collector_unreachable`, `collector_reachable`).
 
 Attributes follow the HTTP and GenAI semantic conventions; never a prompt or completion text.
 """
@@ -29,7 +30,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -43,6 +43,7 @@ from yarl import URL
 
 from .config import TracingConfig
 from .logs import loggable_path
+from .otlp import OTLPExporter
 from .usage.tap import UsageTap, first_choice
 
 if TYPE_CHECKING:
@@ -88,22 +89,6 @@ def _cut(value: AttributeValue) -> AttributeValue:
     return value
 
 
-class _Resource(Resource):
-    """The process's resource, hashed once: the exporter groups each span of a batch by
-    its resource, and `Resource.__hash__` JSON-encodes the attributes every time (11% of
-    the exporter's encoding here)."""
-
-    _hash: int | None = None
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = super().__hash__()
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return other is self or super().__eq__(other)
-
-
 class Span:
     """One span: what it needs to become the SDK's `ReadableSpan` when it ends.
 
@@ -111,7 +96,7 @@ class Span:
     context object per span, and costs more than the request it describes (`make bench`,
     tracing on): a gateway span is written by one task, on the loop, so it is a plain
     record here, turned into a `ReadableSpan` for the SDK's batch processor and the
-    official OTLP exporter at `end()`. An unsampled span records nothing; its context still
+    exporter (gateway.otlp) at `end()`. An unsampled span records nothing; its context still
     gives the ids and flags a traceparent carries.
     """
 
@@ -302,25 +287,23 @@ class Tracing:
         exporter: SpanExporter | None = None,
     ) -> None:
         self.cfg = cfg
-        made = Resource.create({"service.name": cfg.service_name})
-        self.resource = _Resource(made.attributes, made.schema_url)
+        self.resource = Resource.create({"service.name": cfg.service_name})
         self.scope = InstrumentationScope("gateway")
         # The SDK's own sampler decides a root (as every SDK-traced service does, by id).
         self._ratio = TraceIdRatioBased(cfg.sample_ratio)
         self._ids = RandomIdGenerator()
         self._dropped = dropped
         self._max_queue = max_queue
-        self._exporter = exporter or OTLPSpanExporter(
-            endpoint=cfg.endpoint, headers=dict(cfg.headers), timeout=EXPORT_TIMEOUT
+        self._exporter = exporter or OTLPExporter(
+            cfg.endpoint, dict(cfg.headers), timeout=EXPORT_TIMEOUT
         )
         self.watched: _WatchedExporter | None = None
         self._processor: _BoundedBatch | None = None
 
     def start(self) -> None:
         """Start the export thread (a processor added later sees only later spans)."""
-        # The exporter's own lines say the same thing once per failed batch: ours say it
-        # once per change of the collector's state.
-        logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)
+        # The batch processor logs a failed export every time: ours say it once per change
+        # of the collector's state.
         logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.CRITICAL)
         self.watched = _WatchedExporter(self._exporter, self._dropped, self.cfg.endpoint)
         self._processor = _BoundedBatch(self.watched, self._max_queue, self._dropped)

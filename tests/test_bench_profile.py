@@ -35,7 +35,7 @@ def test_each_sample_goes_to_the_component_of_its_innermost_frame() -> None:
             "gateway: usage/tap": 20,
             "structlog": 4,
             "asyncio (tasks, timeouts)": 1,
-            "trace export (opentelemetry, protobuf, requests)": 3,
+            "trace export (opentelemetry, protobuf, urllib3)": 3,
             NATIVE: 2,
         }
     )

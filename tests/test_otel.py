@@ -351,10 +351,13 @@ def test_a_full_queue_drops_and_counts_and_the_state_is_logged_per_change(
     assert states == ["collector_unreachable", "collector_reachable"]
 
 
+@pytest.mark.parametrize(
+    "module", ["opentelemetry.sdk.trace", "opentelemetry.proto.trace.v1.trace_pb2", "urllib3"]
+)
 def test_an_endpoint_without_the_otel_extra_is_a_config_error(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, module: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http", None)
+    monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(config.ConfigError) as err:
         make_config("http://127.0.0.1:1/v1", tracing={"endpoint": "http://127.0.0.1:4318/v1/traces"})
     assert "pip install 'gateway[otel]'" in str(err.value)

@@ -60,8 +60,8 @@ _GROUPS = (
     (("structlog/",), "structlog"),
     (("prometheus_client/",), "prometheus_client"),
     (
-        ("opentelemetry/", "google/protobuf/", "requests/", "urllib3/", "http/client.py"),
-        "trace export (opentelemetry, protobuf, requests)",
+        ("opentelemetry/", "google/protobuf/", "urllib3/", "http/client.py"),
+        "trace export (opentelemetry, protobuf, urllib3)",
     ),
     (("orjson/", "json/"), "json"),
 )
