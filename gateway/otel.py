@@ -34,7 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -80,13 +80,9 @@ _ERROR = Status(StatusCode.ERROR)
 MAX_EVENTS = 128  # per span, the SDK's default limit: a long stall pings for hours
 
 
-def _cut(value: AttributeValue) -> AttributeValue:
-    """A value as exported: strings (alone or in a sequence) cut to MAX_VALUE characters."""
-    if isinstance(value, str):
-        return value[:MAX_VALUE]
-    if isinstance(value, tuple | list):
-        return tuple(v[:MAX_VALUE] if isinstance(v, str) else v for v in value)
-    return value
+def _cut(value: str) -> str:
+    """A string from a client or an upstream, as spans carry it: cut where it comes in."""
+    return value[:MAX_VALUE]
 
 
 class Span:
@@ -140,7 +136,7 @@ class Span:
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._tracing is not None:
-            self.attributes[key] = _cut(value)
+            self.attributes[key] = value
 
     def add_event(self, name: str, attributes: dict[str, AttributeValue] | None = None) -> None:
         if self._tracing is None:
@@ -346,8 +342,8 @@ class Tracing:
             if links:
                 sampled = any(link.context.trace_flags.sampled for link in links)
             else:
-                decision = self._ratio.should_sample(None, trace_id, name).decision
-                sampled = decision is Decision.RECORD_AND_SAMPLE
+                # TraceIdRatioBased's own test, without the SamplingResult it builds.
+                sampled = trace_id & self._ratio.TRACE_ID_LIMIT < self._ratio.bound
         context = SpanContext(
             trace_id,
             span_id or self._ids.generate_span_id(),
@@ -356,8 +352,8 @@ class Tracing:
         )
         if not sampled:
             return Span(None, name, context, parent, kind, {})
-        attrs = {k: _cut(v) for k, v in attributes.items()} if attributes else {}
-        return Span(self, name[:MAX_VALUE], context, parent, kind, attrs, links)
+        attrs = dict(attributes) if attributes else {}
+        return Span(self, _cut(name), context, parent, kind, attrs, links)
 
     def request(self, request: web.Request, ex: Exchange) -> None:
         """The tracing middleware's hook: the SERVER span, with the exchange's own ids,
@@ -373,12 +369,13 @@ class Tracing:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
         # A detached stream's id is its credential: cut to a prefix, as the access line does.
-        path = loggable_path(request.path)
-        attrs: dict[str, str] = {"http.request.method": request.method, "url.path": path}
+        method = _cut(request.method)
+        path = _cut(loggable_path(request.path))
+        attrs: dict[str, str] = {"http.request.method": method, "url.path": path}
         if route is not None:
             attrs["http.route"] = route
         span = self.start_span(
-            f"{request.method} {route}" if route else request.method,
+            f"{method} {route}" if route else method,
             kind=SpanKind.SERVER,
             parent=parent,
             attributes=attrs,
@@ -430,7 +427,10 @@ class RequestTrace:
             f"generation {ex.model or ''}",
             kind=SpanKind.INTERNAL,
             links=(Link(self.server.context),),
-            attributes={"gen_ai.request.model": ex.model or "", "gen_ai.operation.name": "chat"},
+            attributes={
+                "gen_ai.request.model": _cut(ex.model or ""),
+                "gen_ai.operation.name": "chat",
+            },
         )
         sc = span.context
         ex.trace_id, ex.span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
@@ -454,7 +454,7 @@ class RequestTrace:
         if operation is not None:
             attrs["gen_ai.operation.name"] = operation
         if ex.model:
-            attrs["gen_ai.request.model"] = ex.model
+            attrs["gen_ai.request.model"] = _cut(ex.model)
         name = f"{operation} {ex.model}" if operation and ex.model else method
         span = self.attempt_span = self.tracing.start_span(
             name, kind=SpanKind.CLIENT, parent=self.server.context, attributes=attrs
@@ -524,12 +524,13 @@ class RequestTrace:
         span = self.attempt_span
         usage = ex.usage
         if span is not None:
+            # What the upstream said, cut here rather than on every chunk that says it.
             if self.response_id is not None:
-                span.set_attribute("gen_ai.response.id", self.response_id)
+                span.set_attribute("gen_ai.response.id", _cut(self.response_id))
             if self.response_model is not None:
-                span.set_attribute("gen_ai.response.model", self.response_model)
+                span.set_attribute("gen_ai.response.model", _cut(self.response_model))
             if self.finish_reason is not None:
-                span.set_attribute("gen_ai.response.finish_reasons", (self.finish_reason,))
+                span.set_attribute("gen_ai.response.finish_reasons", (_cut(self.finish_reason),))
             if usage is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)

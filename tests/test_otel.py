@@ -189,6 +189,26 @@ async def test_sample_ratio_zero_exports_no_root_trace(
     assert {s.trace_id for s in spans} == {TRACE}
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+def test_a_root_is_sampled_as_the_sdks_ratio_sampler_decides(ratio: float) -> None:
+    import random
+
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+    from prometheus_client import CollectorRegistry, Counter
+
+    cfg = config.TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", sample_ratio=ratio)
+    tracing = Tracing(cfg, Counter("d", "", registry=CollectorRegistry()))
+    sdk = TraceIdRatioBased(ratio)
+    seen = set()
+    edges = [2**64, 2**64 + sdk.bound, 2**64 + max(sdk.bound - 1, 0), 2**128 - 1]
+    for trace_id in [random.getrandbits(128) for _ in range(2000)] + edges:
+        ours = tracing.start_span("x", trace_id=trace_id).recording
+        decision = sdk.should_sample(None, trace_id, "x").decision
+        assert ours == (decision is Decision.RECORD_AND_SAMPLE), hex(trace_id)
+        seen.add(ours)
+    assert seen == ({True, False} if 0 < ratio < 1 else {ratio == 1.0})
+
+
 async def test_the_collectors_auth_headers_are_sent(
     gateway_factory: GatewayFactory,
     upstream: Upstream,
@@ -473,6 +493,7 @@ async def test_a_huge_model_name_is_cut_in_spans(
     spans = await otlp_receiver.wait_spans(2)
     (client,) = [s for s in spans if s.span.kind == s.span.SPAN_KIND_CLIENT]
     assert client.attrs["gen_ai.request.model"] == "m" * 256
+    assert client.attrs["gen_ai.response.model"] == "m" * 256  # the upstream's echo
     assert len(client.name) < 300
 
 
