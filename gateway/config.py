@@ -227,12 +227,24 @@ TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 _HEADER_NAME = re.compile(TOKEN_CHARS + "+")
 
 
+# What frames the exporter's POST: a collector's header table may not say it (Content-Type
+# it may: the exporter's own wins).
+_FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "content-encoding", "host", "connection"}
+)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
 def _header_table(v: dict[str, str]) -> tuple[tuple[str, str], ...]:
     for name, value in v.items():
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a header name")
+        if name.lower() in _FRAMING_HEADERS:
+            raise ValueError(f"{name!r} is the exporter's to send")
         if "\r" in value or "\n" in value:
             raise ValueError(f"the value of {name!r} holds a line break")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(f"the value of {name!r} is not printable ASCII")
     return tuple(v.items())
 
 

@@ -1,18 +1,20 @@
 """The span exporter: OTLP/HTTP with protobuf, the official messages built in place.
 
 The messages are `opentelemetry-proto`'s, the bytes are the ones the SDK's own encoder
-(`opentelemetry-exporter-otlp-proto-common`) makes for the same spans (tests/test_otlp.py
-checks it byte for byte). What differs is how they are built. The SDK's encoder builds every
-attribute, span and list as a message from keyword arguments, and each parent copies its
-children in: a span is copied three times over before it is serialised. That was 74 µs of
-CPU per traced request (two spans, 19 attributes), more than half of what tracing may cost a
-stream (`make bench`: at most 25% more CPU than with tracing off). Here each message is added
-to its parent and filled where it lies: 23 µs.
+(`opentelemetry-exporter-otlp-proto-common`) makes for the same spans of one resource, as
+the gateway's all are (tests/test_otlp.py checks it byte for byte). What differs is how
+they are built. The SDK's encoder builds every attribute, span and list as a message from
+keyword arguments, and each parent copies its children in: a span is copied three times
+over before it is serialised. That was 74 µs of CPU per traced request (two spans, 19
+attributes), more than half of what tracing may cost a stream (`make bench`: at most 25%
+more CPU than with tracing off). Here each message is added to its parent and filled where
+it lies: 23 µs.
 
-Its `OTLPSpanExporter` sends with its encoder and nothing else, so the POST is here too, as
-OTLP/HTTP asks: 2xx is taken; 429, 502, 503, 504 and connection errors are retried with
-backoff (or the collector's `Retry-After`) until the export's timeout; a redirect is not
-followed, so the collector's auth headers go nowhere else.
+The SDK's `OTLPSpanExporter` sends with its encoder and nothing else, so the POST is here
+too, as OTLP/HTTP asks: 2xx is taken; 429, 502, 503, 504, a refused or reset connection and
+a timeout are retried with backoff (or the collector's `Retry-After`) until the export's
+timeout; anything else fails at once; a redirect is not followed, so the collector's auth
+headers go nowhere else.
 
 Imported only when `[tracing]` is on, like gateway.otel.
 """
@@ -51,7 +53,10 @@ _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 RETRYABLE = frozenset({429, 502, 503, 504})
+# What a retry can mend: refused, reset, timed out (not a bad certificate or URL).
+TRANSIENT = (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError)
 MAX_TRIES = 6
+MAX_ANSWER = 64 * 1024  # bytes of a collector's answer read (as sent: never inflated)
 CONTENT_TYPE = "application/x-protobuf"
 
 
@@ -142,7 +147,7 @@ def _attributes(out: Any, attributes: Mapping[str, Any] | None) -> None:
         try:
             kv.key = key
             _value(kv.value, value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             del out[-1]
 
 
@@ -184,7 +189,8 @@ class OTLPExporter(SpanExporter):
 
     def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float) -> None:
         self._endpoint = endpoint
-        self._headers = {**headers, "Content-Type": CONTENT_TYPE}
+        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        self._headers["Content-Type"] = CONTENT_TYPE
         self._timeout = timeout
         # One connection, kept alive between batches; urllib3 retries nothing itself.
         self._http = urllib3.PoolManager(num_pools=1, maxsize=1, retries=False)
@@ -206,17 +212,26 @@ class OTLPExporter(SpanExporter):
                     self._endpoint,
                     body=body,
                     headers=self._headers,
+                    # Each connect and read waits at most what is left (not the whole
+                    # exchange: a collector that dribbles its headers holds it longer).
                     timeout=urllib3.Timeout(total=left),
                     redirect=False,
+                    preload_content=False,
                 )
-            except urllib3.exceptions.HTTPError:  # refused, reset, timed out: retried
+            except TRANSIENT:
                 pass
+            except urllib3.exceptions.HTTPError:  # a bad certificate, URL, proxy...
+                return SpanExportResult.FAILURE
             else:
+                _read_out(resp, deadline)
                 if 200 <= resp.status < 300:
                     return SpanExportResult.SUCCESS
                 if resp.status not in RETRYABLE:
                     return SpanExportResult.FAILURE
                 delay = retry_after(resp.headers.get("Retry-After"), delay)
+            finally:
+                if self._stopping.is_set():  # a pool shutdown() cleared may have been remade
+                    self._http.clear()
             if delay >= deadline - time.monotonic() or self._stopping.wait(delay):
                 break
         return SpanExportResult.FAILURE
@@ -228,6 +243,24 @@ class OTLPExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True  # nothing is held here between exports
+
+
+def _read_out(resp: urllib3.BaseHTTPResponse, deadline: float) -> None:
+    """Read the answer's body so that its connection can carry the next batch: as sent
+    (a gzip body is not inflated), MAX_ANSWER bytes at most, until `deadline`. Its status
+    is the answer; a body with more to come is left, and its connection closed."""
+    got = 0
+    try:
+        while got <= MAX_ANSWER and time.monotonic() < deadline:
+            chunk = resp.read1(16384, decode_content=False)
+            if not chunk:
+                resp.release_conn()
+                return
+            got += len(chunk)
+    except urllib3.exceptions.HTTPError:
+        pass
+    resp.close()
+    resp.release_conn()
 
 
 def retry_after(header: str | None, default: float) -> float:

@@ -392,6 +392,16 @@ def test_an_endpoint_without_the_otel_extra_is_a_config_error(
         ({"endpoint": "ftp://x/v1/traces"}, "tracing.endpoint: 'ftp://x/v1/traces' is not"),
         ({"sample_ratio": 1.5}, "tracing.sample_ratio: must be from 0.0 to 1.0"),
         ({"headers": ["a"]}, "tracing.headers: must be a table of strings"),
+        ({"headers": {"a b": "x"}}, "tracing.headers: 'a b' is not a header name"),
+        (
+            {"headers": {"authorization": "Bearer t\u20acken"}},
+            "tracing.headers: the value of 'authorization' is not printable ASCII",
+        ),
+        (
+            {"headers": {"Content-Length": "5"}},
+            "tracing.headers: 'Content-Length' is the exporter's to send",
+        ),
+        ({"headers": {"host": "x"}}, "tracing.headers: 'host' is the exporter's to send"),
         ({"service": "x"}, "tracing.service: unknown key"),
     ],
 )

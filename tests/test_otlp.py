@@ -233,11 +233,26 @@ async def test_a_batch_is_posted_as_protobuf_with_the_collectors_headers(
 async def test_a_busy_collector_is_tried_again_after_its_retry_after(
     collector: Callable[..., Any],
 ) -> None:
-    c = await collector(_status(503, **{"Retry-After": "0"}), _status(429), _ok)
-    exporter = OTLPExporter(c.url, {}, timeout=10)
+    busy = _status(503, **{"Retry-After": "0"})
+    c = await collector(busy, busy, busy, _ok)
+    exporter = OTLPExporter(c.url, {}, timeout=30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     assert await _export(exporter, SPANS["a request and its tries"]) is SpanExportResult.SUCCESS
-    assert len(c.got) == 3
-    assert c.got[0][1] == c.got[2][1]
+    # Without its Retry-After, the backoff alone would wait 1 + 2 + 4 s (less 20% at most).
+    assert loop.time() - started < 2.5
+    assert len(c.got) == 4
+    assert c.got[0][1] == c.got[3][1]
+
+
+async def test_a_429_without_retry_after_backs_off(collector: Callable[..., Any]) -> None:
+    c = await collector(_status(429), _ok)
+    exporter = OTLPExporter(c.url, {}, timeout=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await _export(exporter, SPANS["a request and its tries"]) is SpanExportResult.SUCCESS
+    assert loop.time() - started >= 0.8  # the first backoff: 1 s, less its 20% jitter
+    assert len(c.got) == 2
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 500])
@@ -260,12 +275,13 @@ async def test_a_redirect_is_not_followed_with_the_auth_header(
 async def test_a_dead_collector_fails_the_batch_within_the_timeout() -> None:
     from .test_otel import _closed_port
 
-    exporter = OTLPExporter(f"http://127.0.0.1:{_closed_port()}/v1/traces", {}, timeout=1.5)
+    exporter = OTLPExporter(f"http://127.0.0.1:{_closed_port()}/v1/traces", {}, timeout=2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await _export(exporter, SPANS["a request and its tries"]) is SpanExportResult.FAILURE
-    # The first retry waits about 1 s; the second would be past the 1.5 s budget.
-    assert loop.time() - started < 1.5
+    # The first retry comes within 1.2 s; the next backoff (1.6 s or more) would end past
+    # the 2 s budget, so the export gives up then rather than sleep past it.
+    assert loop.time() - started < 2
 
 
 async def test_shutdown_abandons_a_retry_and_later_batches_fail_at_once(
@@ -290,3 +306,94 @@ async def test_shutdown_abandons_a_retry_and_later_batches_fail_at_once(
 )
 def test_retry_after_takes_seconds_only(header: str | None, want: float) -> None:
     assert retry_after(header, 9.0) == want
+
+
+async def test_an_error_no_retry_can_mend_fails_the_batch_at_once(
+    collector: Callable[..., Any],
+) -> None:
+    c = await collector(_ok)
+    tls_to_plain = c.url.replace("http://", "https://")  # the handshake meets plain HTTP
+    exporter = OTLPExporter(tls_to_plain, {}, timeout=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await _export(exporter, SPANS["a request and its tries"]) is SpanExportResult.FAILURE
+    assert loop.time() - started < 0.7  # not the 1 s backoff and more of a retry
+
+
+async def test_the_collectors_answer_is_read_only_so_far(collector: Callable[..., Any]) -> None:
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(bytes(64 * 2**20))  # 64 KiB on the wire, 64 MiB inflated
+
+    def answer() -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+
+    c = await collector(answer, _ok)
+    exporter = OTLPExporter(c.url, {}, timeout=10)
+    spans = SPANS["a request and its tries"]
+    loop = asyncio.get_running_loop()
+    tracemalloc.start()
+    try:
+        assert await loop.run_in_executor(None, exporter.export, spans) is SpanExportResult.SUCCESS
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+    # The connection it left unread is not used again: the next batch gets a clean answer.
+    assert await _export(exporter, spans) is SpanExportResult.SUCCESS
+    assert len(c.got) == 2
+
+
+async def test_an_answer_that_trickles_is_cut_at_the_timeout() -> None:
+    """A collector that sends its status at once, then its body a byte at a time."""
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set() and not writer.is_closing():
+            writer.write(b"x")
+            await writer.drain()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.1)
+            except TimeoutError:
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    exporter = OTLPExporter(f"http://127.0.0.1:{port}/v1/traces", {}, timeout=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(20):
+            result = await _export(exporter, SPANS["a request and its tries"])
+    finally:
+        stop.set()
+        server.close()
+        await server.wait_closed()
+    assert result is SpanExportResult.SUCCESS  # its status said so; the rest is let go
+    assert loop.time() - started < 2.5  # the 1 s budget, and one read's wait at most
+
+
+async def test_the_content_type_is_the_exporters_whatever_the_config_says(
+    collector: Callable[..., Any],
+) -> None:
+    c = await collector(_ok)
+    exporter = OTLPExporter(c.url, {"content-type": "text/plain", "X-Team": "a"}, timeout=5)
+    assert await _export(exporter, SPANS["a request and its tries"]) is SpanExportResult.SUCCESS
+    ((headers, _),) = c.got
+    assert [v for k, v in headers.items() if k.lower() == "content-type"] == [
+        "application/x-protobuf"
+    ]
+    assert headers["X-Team"] == "a"
+
+
+def test_a_value_that_would_recurse_forever_is_left_out() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+    span = _span("x", 1, attributes={"looped": looped, "kept": 1})
+    request = ExportTraceServiceRequest.FromString(encode([span]))
+    (got,) = request.resource_spans[0].scope_spans[0].spans
+    assert attributes(got.attributes) == {"kept": 1}
