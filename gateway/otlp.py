@@ -22,6 +22,7 @@ Imported only when `[tracing]` is on, like gateway.otel.
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -53,8 +54,6 @@ _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 RETRYABLE = frozenset({429, 502, 503, 504})
-# What a retry can mend: refused, reset, timed out (not a bad certificate or URL).
-TRANSIENT = (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError)
 MAX_TRIES = 6
 MAX_ANSWER = 64 * 1024  # bytes of a collector's answer read (as sent: never inflated)
 CONTENT_TYPE = "application/x-protobuf"
@@ -218,10 +217,9 @@ class OTLPExporter(SpanExporter):
                     redirect=False,
                     preload_content=False,
                 )
-            except TRANSIENT:
-                pass
-            except urllib3.exceptions.HTTPError:  # a bad certificate, URL, proxy...
-                return SpanExportResult.FAILURE
+            except urllib3.exceptions.HTTPError as exc:
+                if not transient(exc):
+                    return SpanExportResult.FAILURE
             else:
                 _read_out(resp, deadline)
                 if 200 <= resp.status < 300:
@@ -245,19 +243,34 @@ class OTLPExporter(SpanExporter):
         return True  # nothing is held here between exports
 
 
+def transient(exc: urllib3.exceptions.HTTPError) -> bool:
+    """What a retry can mend: a connection refused, reset or timed out, or a TLS handshake
+    the far end hung up on (a collector restarting); not a certificate that does not
+    verify, nor a URL or proxy that cannot work."""
+    if isinstance(exc, urllib3.exceptions.TimeoutError | urllib3.exceptions.ProtocolError):
+        return True
+    return isinstance(exc, urllib3.exceptions.SSLError) and isinstance(
+        exc.__context__, ssl.SSLEOFError
+    )
+
+
 def _read_out(resp: urllib3.BaseHTTPResponse, deadline: float) -> None:
     """Read the answer's body so that its connection can carry the next batch: as sent
-    (a gzip body is not inflated), MAX_ANSWER bytes at most, until `deadline`. Its status
-    is the answer; a body with more to come is left, and its connection closed."""
+    (a gzip body is not inflated), MAX_ANSWER bytes at most, each read waiting only until
+    `deadline`. Its status is the answer; a body with more to come is left, and its
+    connection closed."""
     got = 0
+    sock = getattr(resp.connection, "sock", None)  # http.client's: urllib3 set its timeout
     try:
-        while got <= MAX_ANSWER and time.monotonic() < deadline:
-            chunk = resp.read1(16384, decode_content=False)
+        while got <= MAX_ANSWER and (left := deadline - time.monotonic()) > 0:
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = resp.read1(min(16384, MAX_ANSWER + 1 - got), decode_content=False)
             if not chunk:
                 resp.release_conn()
                 return
             got += len(chunk)
-    except urllib3.exceptions.HTTPError:
+    except (urllib3.exceptions.HTTPError, OSError):
         pass
     resp.close()
     resp.release_conn()

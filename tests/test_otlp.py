@@ -23,7 +23,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from gateway.otlp import OTLPExporter, encode, retry_after
+from gateway.otlp import MAX_ANSWER, OTLPExporter, encode, retry_after
 
 from .otlp_receiver import attributes
 
@@ -174,9 +174,12 @@ class Collector:
     answers: list[Callable[[], web.StreamResponse]]
     url: str = ""
     got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # the exporter's port, request by request
     arrived: threading.Event = field(default_factory=threading.Event)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.ports.append(request.transport.get_extra_info("peername")[1])
         self.got.append((dict(request.headers), await request.read()))
         self.arrived.set()
         return self.answers[min(len(self.got), len(self.answers)) - 1]()
@@ -243,6 +246,7 @@ async def test_a_busy_collector_is_tried_again_after_its_retry_after(
     assert loop.time() - started < 2.5
     assert len(c.got) == 4
     assert c.got[0][1] == c.got[3][1]
+    assert len(set(c.ports)) == 1  # each answer read to its end: one connection serves all
 
 
 async def test_a_429_without_retry_after_backs_off(collector: Callable[..., Any]) -> None:
@@ -321,10 +325,13 @@ async def test_an_error_no_retry_can_mend_fails_the_batch_at_once(
 
 
 async def test_the_collectors_answer_is_read_only_so_far(collector: Callable[..., Any]) -> None:
-    import gzip
     import tracemalloc
+    import zlib
 
-    bomb = gzip.compress(bytes(64 * 2**20))  # 64 KiB on the wire, 64 MiB inflated
+    # 128 KiB on the wire (more than the exporter reads), 128 MiB inflated.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(packer.compress(bytes(2**20)) for _ in range(128)) + packer.flush()
+    assert len(bomb) > MAX_ANSWER
 
     def answer() -> web.Response:
         return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
@@ -343,6 +350,7 @@ async def test_the_collectors_answer_is_read_only_so_far(collector: Callable[...
     # The connection it left unread is not used again: the next batch gets a clean answer.
     assert await _export(exporter, spans) is SpanExportResult.SUCCESS
     assert len(c.got) == 2
+    assert c.ports[0] != c.ports[1]
 
 
 async def test_an_answer_that_trickles_is_cut_at_the_timeout() -> None:
@@ -397,3 +405,71 @@ def test_a_value_that_would_recurse_forever_is_left_out() -> None:
     request = ExportTraceServiceRequest.FromString(encode([span]))
     (got,) = request.resource_spans[0].scope_spans[0].spans
     assert attributes(got.attributes) == {"kept": 1}
+
+
+async def _raw_collector(
+    serve: Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Any],
+) -> tuple[asyncio.Server, list[int]]:
+    """A TCP server whose n-th connection (from 0) is handed to `serve(n, ...)`."""
+    accepted: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(len(accepted))
+        try:
+            await serve(accepted[-1], reader, writer)
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), accepted
+
+
+async def _export_to(server: asyncio.Server, scheme: str, timeout: float) -> SpanExportResult:
+    port = server.sockets[0].getsockname()[1]
+    exporter = OTLPExporter(f"{scheme}://127.0.0.1:{port}/v1/traces", {}, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout * 3):
+            return await _export(exporter, SPANS["a request and its tries"])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_closed_before_the_answer_is_tried_again() -> None:
+    async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        if n > 0:  # the first is hung up on, as by a collector restarting
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    server, accepted = await _raw_collector(serve)
+    assert await _export_to(server, "http", timeout=10) is SpanExportResult.SUCCESS
+    assert len(accepted) == 2
+
+
+async def test_a_tls_handshake_hung_up_on_is_tried_again() -> None:
+    async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the ClientHello's first byte: then a clean close
+
+    server, accepted = await _raw_collector(serve)
+    assert await _export_to(server, "https", timeout=2) is SpanExportResult.FAILURE
+    assert len(accepted) >= 2  # not given up on after the first (about 1 s later)
+
+
+async def test_an_answer_that_stalls_mid_body_is_let_go_at_the_deadline() -> None:
+    """Its status and a byte of body late in the budget, then nothing: the read of the rest
+    may wait only what is left, not what was left when the request went out."""
+
+    async def serve(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nx")
+        await writer.drain()
+        await reader.read()  # until the exporter lets go
+
+    server, accepted = await _raw_collector(serve)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await _export_to(server, "http", timeout=1.5) is SpanExportResult.SUCCESS
+    assert loop.time() - started < 2.2  # not 1.2 s + the 1.5 s the first read was given
