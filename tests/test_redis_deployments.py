@@ -34,12 +34,13 @@ STREAMER_AUTH = {"Authorization": f"Bearer {STREAMER_KEY}"}
 
 
 def keys(**tester: Any) -> list[dict[str, Any]]:
-    """The test key with `tester` limits, a client "other" (rpm 60, burst 2), and an
-    unlimited "streamer" for detached streams."""
+    """The test key with `tester` limits, a client "other" (rpm 1, burst 2: a third request
+    is refused for a minute, however slow the first two are), and an unlimited "streamer"
+    for detached streams."""
     return [
         {"client": "tester", "sha256": TEST_KEY_SHA, "rpm": 0, "max_concurrent": 0, **tester},
         {"client": "other", "sha256": hashlib.sha256(OTHER_KEY.encode()).hexdigest(),
-         "rpm": 60, "burst": 2, "max_concurrent": 0},
+         "rpm": 1, "burst": 2, "max_concurrent": 0},
         {"client": "streamer", "sha256": hashlib.sha256(STREAMER_KEY.encode()).hexdigest(),
          "rpm": 0, "max_concurrent": 0},
     ]  # fmt: skip

@@ -52,8 +52,8 @@ async def test_two_instances_share_one_rpm_budget(
     http: aiohttp.ClientSession,
 ) -> None:
     sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
-    a = await gateway_factory(upstream.url, keys=key(rpm=60, burst=3), **sections)
-    b = await gateway_factory(upstream.url, keys=key(rpm=60, burst=3), **sections)
+    a = await gateway_factory(upstream.url, keys=key(rpm=1, burst=3), **sections)
+    b = await gateway_factory(upstream.url, keys=key(rpm=1, burst=3), **sections)
     remaining = []
     for gw in (a, b, a):
         async with http.post(f"{gw.url}/v1/chat/completions", json=chat_body(), headers=AUTH) as r:
@@ -139,7 +139,7 @@ async def test_redis_down_at_start_is_not_ready_then_recovers_without_restart(
     redis_server.stop()
     with capture_logs() as logs:
         gw = await gateway_factory(
-            upstream.url, auth={"mode": "keys"}, keys=key(rpm=60, burst=1),
+            upstream.url, auth={"mode": "keys"}, keys=key(rpm=1, burst=1),
             limits=redis_limits(redis_url),
         )
     down = [e for e in logs if e["event"] == "redis_unreachable"]
@@ -148,7 +148,7 @@ async def test_redis_down_at_start_is_not_ready_then_recovers_without_restart(
         assert r.status == 503
         assert "redis unreachable" in (await r.json())["reasons"]
     assert await status_of(http, gw.url) == 200  # limits fail open
-    assert await status_of(http, gw.url) == 200  # (rpm 60 burst 1 would refuse this one)
+    assert await status_of(http, gw.url) == 200  # (rpm 1 burst 1 would refuse this one)
     redis_server.start()
     await until(lambda: ready(http, gw), timeout=10, every=0.1)
     assert await status_of(http, gw.url) == 200
@@ -160,8 +160,8 @@ async def test_redis_restarted_mid_run_gateways_recover_and_share_again(
     redis_url: str, http: aiohttp.ClientSession,
 ) -> None:
     sections = {"auth": {"mode": "keys"}, "limits": redis_limits(redis_url)}
-    a = await gateway_factory(upstream.url, keys=key(rpm=60, burst=2), **sections)
-    b = await gateway_factory(upstream.url, keys=key(rpm=60, burst=2), **sections)
+    a = await gateway_factory(upstream.url, keys=key(rpm=1, burst=2), **sections)
+    b = await gateway_factory(upstream.url, keys=key(rpm=1, burst=2), **sections)
     assert [await status_of(http, gw.url) for gw in (a, b, a)] == [200, 200, 429]
     redis_server.restart()  # every key is gone; pooled connections are dead
     # No gateway restart: the next requests reconnect, and the budget is shared again.
