@@ -36,7 +36,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PBStatus
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 _KIND = {
     SpanKind.INTERNAL: PBSpan.SPAN_KIND_INTERNAL,
@@ -99,12 +99,9 @@ def _span(out: PBSpan, span: ReadableSpan) -> None:
     out.span_id = context.span_id.to_bytes(8, "big")
     if context.trace_state:
         out.trace_state = ",".join(f"{k}={v}" for k, v in context.trace_state.items())
-    parent = span.parent
-    if parent is not None:
-        out.parent_span_id = parent.span_id.to_bytes(8, "big")
-        out.flags = _HAS_IS_REMOTE | _IS_REMOTE if parent.is_remote else _HAS_IS_REMOTE
-    else:
-        out.flags = _HAS_IS_REMOTE
+    if span.parent is not None:
+        out.parent_span_id = span.parent.span_id.to_bytes(8, "big")
+    out.flags = _flags(span.parent)
     out.name = span.name
     out.kind = _KIND[span.kind]
     if span.start_time is not None:
@@ -124,7 +121,7 @@ def _span(out: PBSpan, span: ReadableSpan) -> None:
         pb_link.span_id = link.context.span_id.to_bytes(8, "big")
         _attributes(pb_link.attributes, link.attributes)
         pb_link.dropped_attributes_count = link.dropped_attributes
-        pb_link.flags = _HAS_IS_REMOTE | _IS_REMOTE if link.context.is_remote else _HAS_IS_REMOTE
+        pb_link.flags = _flags(link.context)
     out.dropped_attributes_count = span.dropped_attributes
     out.dropped_events_count = span.dropped_events
     out.dropped_links_count = span.dropped_links
@@ -132,6 +129,13 @@ def _span(out: PBSpan, span: ReadableSpan) -> None:
     out.status.code = _STATUS[span.status.status_code]
     if span.status.description:
         out.status.message = span.status.description
+
+
+def _flags(context: SpanContext | None) -> int:
+    """A span's or a link's flags: whether the context it points to is remote is known."""
+    if context is not None and context.is_remote:
+        return _HAS_IS_REMOTE | _IS_REMOTE
+    return _HAS_IS_REMOTE
 
 
 def _attributes(out: Any, attributes: Mapping[str, Any] | None) -> None:
